@@ -1,0 +1,10 @@
+"""KL-f32 autoencoder (LDM ``kl-f32``): 256x256x3 -> 8x8x64, attention at 16^2 and 8^2. Reference rFID 2.04."""
+
+from configs import base
+
+
+def get_config():
+    model = base.autoencoder_model("kl", ch_mult=(1, 1, 2, 2, 4, 4), z_channels=64, embed_dim=64,
+                                   attn_resolutions=(16, 8))
+    loss = base.autoencoder_loss(disc_start=50001, kl_weight=1e-6, disc_weight=0.5)
+    return base.reference_autoencoder_experiment(model, loss, batch_size=24, learning_rate=1.08e-4)

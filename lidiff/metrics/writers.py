@@ -1,0 +1,180 @@
+"""Writers for training scalars and image grids: TensorBoard event files plus plain files.
+
+Every scalar goes to ``<logdir>/metrics.jsonl`` (one JSON object per step, easy to read back) and to a
+TensorBoard event file; every image grid to ``<logdir>/images/<name>_<step>.png`` and to TensorBoard.
+Event files are written here in TensorBoard's record format (TensorBoard's protos, no TensorFlow, which
+TensorBoard's own writer would import). Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import struct
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tiles images into one picture.
+
+    images: [N, H, W, C] uint8 (C in {1, 3}) -> [rows*(H+pad)+pad, ncols*(W+pad)+pad, 3] uint8.
+    """
+    images = np.asarray(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    n, h, w, c = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Writes a uint8 [H, W, 3] image to ``path`` atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class EventFile:
+    """Appends TensorBoard ``Event`` protos to ``<logdir>/events.out.tfevents.<time>.<host>`` (TFRecord framing)."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2
+
+        self._event_pb2 = event_pb2
+        path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        self._file = open(path, "ab")
+        self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data
+                         + struct.pack("<I", _masked_crc32c(data)))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricWriter:
+    """Scalars and images for one training stage, written under ``logdir`` by process 0 only."""
+
+    def __init__(self, logdir: str):
+        self.logdir = logdir
+        self._active = jax.process_index() == 0
+        self._tb = None
+        if not self._active:
+            return
+        os.makedirs(logdir, exist_ok=True)
+        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        try:
+            self._tb = EventFile(logdir)
+        except ImportError:  # TensorBoard is optional; metrics.jsonl always has the numbers.
+            self._tb = None
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._active:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            summary = summary_pb2.Summary(
+                value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+            )
+            self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """images: {name: uint8 [H, W, 3] picture (e.g. from ``image_grid``)}."""
+        if not self._active:
+            return
+        for name, image in images.items():
+            save_png(os.path.join(self.logdir, "images", f"{name}_{int(step):08d}.png"), image)
+        if self._tb is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            values = []
+            for name, image in images.items():
+                buf = io.BytesIO()
+                Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+                h, w = image.shape[:2]
+                values.append(
+                    summary_pb2.Summary.Value(
+                        tag=name,
+                        image=summary_pb2.Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()),
+                    )
+                )
+            self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def close(self) -> None:
+        if self._active:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(logdir: str) -> list[dict]:
+    """Reads back ``metrics.jsonl`` as a list of dicts (for tests and notebooks)."""
+    with open(os.path.join(logdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = None, *, write_pngs: bool = True,
+                 grid_cols: int | None = None, max_grid: int = 256) -> str:
+    """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given), a grid
+    ``samples_grid.png`` of the first ``max_grid``, and (``write_pngs``) one PNG per image under ``images/``.
+
+    Returns the npz path. The npz is written atomically (temp file + rename).
+    """
+    os.makedirs(outdir, exist_ok=True)
+    images = np.asarray(images, np.uint8)
+    arrays = {"images": images}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, np.int64)
+    path = os.path.join(outdir, "samples.npz")
+    tmp = os.path.join(outdir, "samples.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    save_png(os.path.join(outdir, "samples_grid.png"), image_grid(images[:max_grid], ncols=grid_cols))
+    if write_pngs:
+        for i, image in enumerate(images):
+            name = f"{i:06d}" + (f"_class{int(labels[i])}" if labels is not None else "") + ".png"
+            save_png(os.path.join(outdir, "images", name), image)
+    return path

@@ -1,0 +1,75 @@
+"""Device mesh, shardings, and putting host batches onto devices.
+
+lidiff trains data-parallel over a 1-D mesh with axis ``"data"`` covering every device of every process:
+the batch is split on ``"data"``; params, optimizer state and EMA are replicated. Multi-host runs call
+``jax.distributed.initialize()`` (see ``initialize_distributed``) before anything touches a device; each
+process then loads only its share of the global batch and ``global_batch`` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's distributed runtime when the environment describes a multi-process job.
+
+    On TPU pods and SLURM/Kubernetes GPU clusters JAX finds the coordinator by itself; elsewhere set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Single-process runs do nothing.
+    """
+    import os
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS") or os.environ.get(
+        "TPU_WORKER_HOSTNAMES"
+    ):
+        jax.distributed.initialize()
+        logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of params, optimizer state, EMA and scalars: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Sharding of batch arrays: leading axis split over ``"data"``."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    """Refuses a global batch that does not split evenly over devices and processes."""
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(
+            f"global batch size {global_batch_size} does not divide over {n} devices; "
+            f"set the batch size to a multiple of {n}"
+        )
+    if global_batch_size % jax.process_count():
+        raise ValueError(f"global batch size {global_batch_size} does not divide over {jax.process_count()} processes")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global ``jax.Array``s sharded on ``"data"``.
+
+    local_batch: {name: [B_global / num_processes, ...]}; returns {name: [B_global, ...]}.
+    """
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` (host or device arrays) replicated on ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))

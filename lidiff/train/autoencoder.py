@@ -1,0 +1,321 @@
+"""Stage 1: train a KL or VQ autoencoder with reconstruction + LPIPS + PatchGAN losses.
+
+One jitted, sharded step updates the generator (autoencoder) and the discriminator from one forward pass:
+
+1. x_rec = decoder(encoder(x)) (KL: a posterior sample; VQ: straight-through codes).
+2. Generator loss = nll (L1/L2 + perceptual_weight * LPIPS) + kl_weight * KL | codebook_weight * q_loss
+   + d_weight * disc_factor * (-mean D(x_rec)), with the adaptive weight
+   d_weight = disc_weight * ||d nll / d W|| / (||d g / d W|| + 1e-4) at the decoder's last conv kernel W.
+3. Discriminator loss = disc_factor * hinge(D(x), D(sg(x_rec))) (or vanilla).
+
+Before ``disc_start`` the discriminator and the adaptive weight are skipped (``lax.cond``) but both optimizers
+still step with zero adversarial gradients, as the reference does. Random keys are ``fold_in(seed, step)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from ml_collections import ConfigDict
+
+from lidiff import parallel
+from lidiff.checkpoint import Checkpointer
+from lidiff.losses import autoencoder as ae_losses
+from lidiff.metrics.writers import MetricWriter, image_grid
+from lidiff.models.autoencoder import conv_out_apply
+from lidiff.train import builders
+from lidiff.train.common import compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader
+from lidiff.train.loop import LoopSettings, train_loop
+
+STAGE = "autoencoder"
+
+
+@flax.struct.dataclass
+class AutoencoderState:
+    """Everything stage 1 trains. ``params = {"autoencoder": ..., "logvar": []}``."""
+
+    step: jax.Array  # [] int32: number of updates done
+    params: Any
+    opt_state: Any
+    disc_params: Any
+    disc_batch_stats: Any  # {} when the discriminator has no BatchNorm
+    disc_opt_state: Any
+    ema_params: Any  # autoencoder params EMA, {} when off
+    code_counts: Any  # [n_embed] moving average of code usage (VQ), {} otherwise
+
+
+def stage_dir(workdir: str) -> str:
+    return os.path.join(workdir, STAGE)
+
+
+def load_lpips(loss: ConfigDict) -> dict:
+    """LPIPS params when ``perceptual_weight > 0`` (stops with how to get them if missing), else {}."""
+    if loss.perceptual_weight <= 0:
+        logging.warning(
+            "perceptual loss is OFF (config.autoencoder.loss.perceptual_weight=0): training with pixel and "
+            "adversarial losses only. Set lpips_weights and perceptual_weight to use LPIPS."
+        )
+        return {}
+    from lidiff.convert.lpips_weights import conversion_command, load_lpips_params
+
+    if not loss.lpips_weights:
+        raise FileNotFoundError(
+            "config.autoencoder.loss.perceptual_weight > 0 but config.autoencoder.loss.lpips_weights is empty. "
+            f"Convert the VGG16 and LPIPS v0.1 weights once with:\n  {conversion_command()}\n"
+            "then set --config.autoencoder.loss.lpips_weights=lpips_vgg16.safetensors "
+            "(or set perceptual_weight=0 to train without LPIPS)."
+        )
+    return load_lpips_params(loss.lpips_weights)
+
+
+class AutoencoderTrainer:
+    """Holds the modules and optimizers of stage 1 and defines its pure init and step functions."""
+
+    def __init__(self, stage: ConfigDict, seed: int):
+        self.cfg = stage
+        self.dtype = compute_dtype(stage.train.dtype)
+        self.model = builders.build_autoencoder(stage.model, self.dtype)
+        self.disc = builders.build_discriminator(stage.loss, self.dtype)
+        self.lpips = builders.build_lpips(self.dtype)
+        self.is_vq = stage.model.kind == "vq"
+        if stage.loss.disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"unknown config.autoencoder.loss.disc_loss {stage.loss.disc_loss!r}; use hinge or vanilla")
+        if stage.loss.reconstruction not in ("l1", "l2"):
+            raise ValueError(f"unknown config.autoencoder.loss.reconstruction {stage.loss.reconstruction!r}; use l1 or l2")
+        self.seed_key = jax.random.PRNGKey(seed)
+        o = stage.optim
+        self.tx = optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
+        self.disc_tx = optax.adam(o.disc_learning_rate, b1=o.b1, b2=o.b2)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def init_state(self, rng: jax.Array) -> AutoencoderState:
+        """Fresh state (call under ``jax.jit`` with replicated ``out_shardings``)."""
+        r = self.cfg.model.resolution
+        x = jnp.zeros((1, r, r, 3), jnp.float32)
+        k_model, k_disc = jax.random.split(rng)
+        if self.is_vq:
+            ae = self.model.init(k_model, x)["params"]
+        else:
+            ae = self.model.init(k_model, x, sample_posterior=False)["params"]
+        params = {"autoencoder": ae, "logvar": jnp.asarray(self.cfg.loss.logvar_init, jnp.float32)}
+        disc_vars = self.disc.init(k_disc, x, train=False)
+        ema = jax.tree.map(jnp.copy, ae) if self.cfg.train.ema_decay > 0 else {}
+        counts = jnp.full((self.cfg.model.n_embed,), self.cfg.model.dead_code_threshold, jnp.float32) if self.is_vq else {}
+        return AutoencoderState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            disc_params=disc_vars["params"],
+            disc_batch_stats=disc_vars.get("batch_stats", {}),
+            disc_opt_state=self.disc_tx.init(disc_vars["params"]),
+            ema_params=ema,
+            code_counts=counts,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _disc_apply(self, params, batch_stats, x):
+        """Discriminator in training mode -> (logits, new batch_stats)."""
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+            logits, updates = self.disc.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits, updates["batch_stats"]
+        return self.disc.apply(variables, x, train=True), batch_stats
+
+    def _features(self, ae_params, x, rng):
+        """-> (h fed into decoder/conv_out, regulariser loss, metrics, aux)."""
+        k_post, k_drop = jax.random.split(rng)
+        deterministic = self.cfg.model.dropout == 0
+        rngs = {"dropout": k_drop}
+        if self.is_vq:
+            h, q = self.model.apply({"params": ae_params}, x, deterministic=deterministic,
+                                    return_features=True, rngs=rngs)
+            metrics = {"codebook_loss": q.loss, "perplexity": q.perplexity, "codebook_usage": q.codebook_usage}
+            return h, self.cfg.loss.codebook_weight * q.loss, metrics, q.counts
+        h, posterior = self.model.apply({"params": ae_params}, x, k_post, sample_posterior=True,
+                                        deterministic=deterministic, return_features=True, rngs=rngs)
+        kl = jnp.mean(posterior.kl())
+        return h, self.cfg.loss.kl_weight * kl, {"kl_loss": kl}, None
+
+    def _nll(self, x, x_rec, logvar, lpips_params):
+        loss = self.cfg.loss
+        rec = ae_losses.reconstruction_loss(x, x_rec, loss.reconstruction)
+        metrics = {"rec_loss": jnp.mean(rec)}
+        if loss.perceptual_weight > 0:
+            p = self.lpips.apply({"params": lpips_params}, x, x_rec)
+            rec = ae_losses.add_perceptual(rec, p, loss.perceptual_weight)
+            metrics["perceptual_loss"] = jnp.mean(p)
+        if self.is_vq:
+            return ae_losses.nll_loss_mean(rec), metrics
+        if not loss.learn_logvar:
+            logvar = jax.lax.stop_gradient(logvar)
+        return ae_losses.nll_loss_sum_per_image(rec, logvar), metrics
+
+    def train_step(self, state: AutoencoderState, batch: dict, lpips_params: Any):
+        """One generator + discriminator update. batch["image"]: [B, R, R, 3] float32 in [-1, 1]."""
+        loss_cfg = self.cfg.loss
+        x = batch["image"]
+        rng = jax.random.fold_in(self.seed_key, state.step)
+        k_fwd, k_restart = jax.random.split(rng)
+        disc_factor = ae_losses.adopt_weight(loss_cfg.disc_factor, state.step, loss_cfg.disc_start)
+        disc_on = disc_factor > 0
+        g_of_rec = lambda x_rec: ae_losses.generator_adversarial_loss(  # noqa: E731
+            self._disc_apply(state.disc_params, state.disc_batch_stats, x_rec)[0])
+
+        def generator_loss(params):
+            ae = params["autoencoder"]
+            h, reg, metrics, counts = self._features(ae, x, k_fwd)
+            conv_out = ae["decoder"]["conv_out"]
+            rec_of = lambda kernel, feats: conv_out_apply(  # noqa: E731
+                {"kernel": kernel, "bias": conv_out["bias"]}, feats, self.dtype)
+            x_rec = rec_of(conv_out["kernel"], h)
+            nll, nll_metrics = self._nll(x, x_rec, params["logvar"], lpips_params)
+
+            def weight_and_g():
+                kernel, feats = jax.lax.stop_gradient(conv_out["kernel"]), jax.lax.stop_gradient(h)
+                nll_grad = jax.grad(lambda k: self._nll(x, rec_of(k, feats), params["logvar"], lpips_params)[0])(kernel)
+                g_grad = jax.grad(lambda k: g_of_rec(rec_of(k, feats)))(kernel)
+                return ae_losses.adaptive_weight(nll_grad, g_grad, loss_cfg.disc_weight), g_of_rec(x_rec)
+
+            d_weight, g_loss = jax.lax.cond(disc_on, weight_and_g, lambda: (jnp.float32(0), jnp.float32(0)))
+            total = nll + reg + d_weight * disc_factor * g_loss
+            metrics = {**metrics, **nll_metrics, "nll_loss": nll, "g_loss": g_loss, "d_weight": d_weight}
+            return total, (x_rec, metrics, counts)
+
+        (loss, (x_rec, metrics, counts)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        fake = jax.lax.stop_gradient(x_rec)
+
+        def disc_grads():
+            def d_loss_fn(dp):
+                real_logits, stats = self._disc_apply(dp, state.disc_batch_stats, x)
+                fake_logits, stats = self._disc_apply(dp, stats, fake)
+                d_fn = ae_losses.hinge_d_loss if loss_cfg.disc_loss == "hinge" else ae_losses.vanilla_d_loss
+                return disc_factor * d_fn(real_logits, fake_logits), (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+            (d_loss, aux), g = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc_params)
+            return g, d_loss, aux
+
+        def no_disc():
+            zeros = jax.tree.map(jnp.zeros_like, state.disc_params)
+            return zeros, jnp.float32(0), (state.disc_batch_stats, jnp.float32(0), jnp.float32(0))
+
+        d_grads, d_loss, (batch_stats, logits_real, logits_fake) = jax.lax.cond(disc_on, disc_grads, no_disc)
+        d_updates, disc_opt_state = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+        disc_params = optax.apply_updates(state.disc_params, d_updates)
+
+        ema = state.ema_params
+        if self.cfg.train.ema_decay > 0:
+            ema = ema_update(ema, params["autoencoder"], ema_decay_at(state.step, self.cfg.train.ema_decay, True))
+        code_counts = state.code_counts
+        if self.is_vq:
+            code_counts = 0.99 * code_counts + 0.01 * counts
+            if self.cfg.model.dead_code_restart:
+                params, code_counts = self._restart_dead_codes(params, code_counts, x, state.step, k_restart)
+
+        metrics = {
+            **metrics, "loss": loss, "d_loss": d_loss, "disc_factor": disc_factor, "logits_real": logits_real,
+            "logits_fake": logits_fake, "grad_norm": global_norm(grads), "disc_grad_norm": global_norm(d_grads),
+            "logvar": params["logvar"],
+        }
+        new_state = AutoencoderState(
+            step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+            disc_batch_stats=batch_stats, disc_opt_state=disc_opt_state, ema_params=ema, code_counts=code_counts,
+        )
+        return new_state, metrics
+
+    def _restart_dead_codes(self, params, code_counts, x, step, rng):
+        """Every ``dead_code_restart_every`` steps, moves rarely used codes onto this batch's encoder outputs."""
+        from lidiff.models.quantizer import restart_dead_codes
+
+        m = self.cfg.model
+        threshold = m.dead_code_threshold
+
+        def restart(args):
+            params, counts = args
+            ae = params["autoencoder"]
+            h = self.model.apply({"params": ae}, x, method=self.model.encode)
+            codebook = ae["quantize"]["embedding"]["embedding"]
+            codebook = restart_dead_codes(codebook, counts, h.reshape(-1, h.shape[-1]), rng, threshold)
+            ae = {**ae, "quantize": {**ae["quantize"], "embedding": {"embedding": codebook}}}
+            return {**params, "autoencoder": ae}, jnp.maximum(counts, threshold)
+
+        due = (step + 1) % m.dead_code_restart_every == 0
+        return jax.lax.cond(due, restart, lambda args: args, (params, code_counts))
+
+    # ----------------------------------------------------------------------------------------------------------
+    def reconstruct(self, ae_params: Any, x: jax.Array) -> jax.Array:
+        """Deterministic reconstruction (KL: posterior mode). x: [B, R, R, 3] in [-1, 1] -> same shape."""
+        if self.is_vq:
+            return self.model.apply({"params": ae_params}, x)[0]
+        return self.model.apply({"params": ae_params}, x, sample_posterior=False)[0]
+
+
+def checkpoint_meta(config: ConfigDict) -> dict:
+    """What a stage-1 checkpoint carries besides arrays: enough to rebuild the model without the config."""
+    return {"stage": STAGE, "model": config.autoencoder.model.to_dict(), "config": config.to_json()}
+
+
+def to_uint8(x: jax.Array) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255]."""
+    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
+
+
+def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
+    """Trains stage 1 into ``<workdir>/autoencoder`` (resuming from its latest checkpoint when there is one)."""
+    stage = config.autoencoder
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(stage.train.batch_size, mesh)
+    if config.data.resolution != stage.model.resolution:
+        raise ValueError(
+            f"config.data.resolution ({config.data.resolution}) != config.autoencoder.model.resolution "
+            f"({stage.model.resolution}); set them equal"
+        )
+    trainer = AutoencoderTrainer(stage, config.seed)
+    lpips_params = parallel.put_replicated(load_lpips(stage.loss), mesh)
+    loader = make_loader(config.data, stage.train.batch_size, config.seed)  # fails early on missing data
+    rep = parallel.replicated(mesh)
+    state = jax.jit(trainer.init_state, out_shardings=rep)(jax.random.PRNGKey(config.seed))
+    directory = stage_dir(workdir)
+    checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, _ = checkpointer.restore(state)
+        start = int(state.step)
+        logging.info("autoencoder: resuming from step %d", start)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params["autoencoder"]))
+    logging.info("autoencoder (%s): %.2fM params, %d devices, global batch %d", stage.model.kind, n_params / 1e6,
+                 mesh.devices.size, stage.train.batch_size)
+    r = stage.model.resolution
+    example = {"image": np.zeros((stage.train.batch_size, r, r, 3), np.float32)}
+    step_fn, _ = compile_step(trainer.train_step, mesh, state, example, lpips_params, name=STAGE)
+    recon = jax.jit(trainer.reconstruct)
+
+    def images(state: AutoencoderState, batch: dict) -> dict[str, np.ndarray]:
+        x = batch["image"][:8]
+        params = state.ema_params if stage.train.ema_decay > 0 else state.params["autoencoder"]
+        x_rec = recon(params, x)
+        return {"inputs": image_grid(to_uint8(x), ncols=8), "reconstructions": image_grid(to_uint8(x_rec), ncols=8)}
+
+    writer = MetricWriter(directory)
+    settings = LoopSettings(
+        name=STAGE, num_steps=stage.train.num_steps, batch_size=stage.train.batch_size,
+        log_every=stage.train.log_every, checkpoint_every=stage.train.checkpoint_every,
+        image_every=stage.train.image_every,
+    )
+    try:
+        state = train_loop(settings, state, start, step_fn, (lpips_params,), loader, mesh, checkpointer,
+                           checkpoint_meta(config), writer, images)
+    finally:
+        writer.close()
+        checkpointer.close()
+    return state

@@ -1,0 +1,143 @@
+"""Pieces both training stages share: dtypes, EMA, data wiring, step compilation, finiteness checks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from lidiff import parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """``"float32"`` | ``"bfloat16"`` -> jnp dtype, refusing anything else by name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """EMA decay for update number ``step`` (0-based): ``min(decay, (1 + n) / (10 + n))`` with warm-up.
+
+    This is CompVis's ``LitEma`` schedule, where n counts updates made so far.
+    """
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    n = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf (inside the jitted step)."""
+    return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
+
+
+def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
+    """The data loader for this process's share of each global batch, from ``config.data``."""
+    from lidiff.data.pipeline import DataLoader
+    from lidiff.data.sources import make_source
+
+    kind = data.source
+    if kind == "folder":
+        if not data.path:
+            raise ValueError(
+                "config.data.path is empty: point it at a folder of jpg/png/webp images, e.g. "
+                "--config.data.path=/data/celebahq256 (or use --config.data.source=tfds with "
+                "--config.data.tfds_name=...)"
+            )
+        source = make_source("folder", path=data.path, class_from_subdir=data.class_from_subdir)
+    elif kind == "tfds":
+        if not data.tfds_name:
+            raise ValueError("config.data.tfds_name is empty: name a tfds dataset, e.g. celeb_a_hq/256")
+        source = make_source(
+            "tfds",
+            name=data.tfds_name,
+            split=data.split,
+            data_dir=data.data_dir or None,
+            manual_dir=data.manual_dir or None,
+            image_key=data.image_key,
+            label_key=data.label_key or None,
+        )
+    elif kind == "digits":
+        source = make_source("digits")
+    elif kind == "synthetic":
+        source = make_source(
+            "synthetic",
+            num_examples=data.num_examples,
+            resolution=data.resolution,
+            num_classes=data.num_classes or None,
+            seed=seed,
+        )
+    else:
+        raise ValueError(f"unknown config.data.source {kind!r}; choose folder, tfds, digits or synthetic")
+    return DataLoader(
+        source,
+        global_batch_size=global_batch_size,
+        resolution=data.resolution,
+        random_flip=data.random_flip,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=data.num_threads,
+    )
+
+
+def compile_step(step_fn: Callable, mesh: Mesh, state: Any, batch: dict[str, Any], *extra: Any, name: str):
+    """jit + lower + compile ``step_fn(state, batch, *extra)`` ahead of time, logging time and memory.
+
+    State and extras are replicated, the batch is split on ``"data"``, and the state is donated.
+    Returns the compiled executable (call it like the function).
+    """
+    rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(rep, split) + (rep,) * len(extra),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    abstract = lambda tree, sharding: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                                       sharding=sharding), tree)
+    start = time.perf_counter()
+    lowered = jitted.lower(abstract(state, rep), abstract(batch, split), *(abstract(e, rep) for e in extra))
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    memory = ""
+    try:
+        stats = compiled.memory_analysis()
+        if stats is not None:
+            total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+            memory = f", ~{total / 2**30:.2f} GiB per device (args+temps+outputs)"
+    except Exception:  # memory analysis is best-effort and backend-dependent
+        pass
+    logging.info("%s step compiled in %.1f s%s", name, seconds, memory)
+    return compiled, seconds
+
+
+def check_finite(metrics: dict[str, float], step: int, names: tuple[str, ...]) -> None:
+    """Stops training when a loss or gradient norm is NaN/inf (the last checkpoint stays as it was)."""
+    bad = {k: metrics[k] for k in names if k in metrics and not np.isfinite(metrics[k])}
+    if bad:
+        raise FloatingPointError(
+            f"non-finite values at step {step}: {bad}; training stopped, the latest checkpoint is untouched. "
+            "Lower the learning rate, use float32, or check the data."
+        )
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

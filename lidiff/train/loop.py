@@ -1,0 +1,101 @@
+"""The training loop both stages share: feed batches, step, log, write images, checkpoint.
+
+The host only feeds batches and, every ``log_every`` steps, reads back the metrics (one transfer for the
+whole interval); everything else stays on the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from lidiff import parallel
+from lidiff.checkpoint import Checkpointer
+from lidiff.metrics.writers import MetricWriter
+from lidiff.train.common import check_finite, format_eta
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    name: str  # "autoencoder" | "diffusion", used in log lines
+    num_steps: int
+    batch_size: int  # global
+    log_every: int
+    checkpoint_every: int
+    image_every: int = 0  # 0 = never
+    batch_keys: tuple[str, ...] = ("image",)  # the batch entries the step consumes
+    finite_keys: tuple[str, ...] = ("loss", "grad_norm")
+
+
+def train_loop(
+    settings: LoopSettings,
+    state: Any,
+    start_step: int,
+    step_fn: Callable,
+    extra_args: tuple[Any, ...],
+    loader,
+    mesh: Mesh,
+    checkpointer: Checkpointer,
+    meta: dict[str, Any],
+    writer: MetricWriter,
+    image_fn: Callable[[Any, dict[str, jax.Array]], dict[str, np.ndarray]] | None = None,
+) -> Any:
+    """Runs ``state, metrics = step_fn(state, batch, *extra_args)`` from ``start_step`` to ``num_steps``.
+
+    Checkpoints every ``checkpoint_every`` steps and at the end; returns the final state.
+    """
+    s = settings
+    if start_step >= s.num_steps:
+        logging.info("%s: already trained to step %d of %d", s.name, start_step, s.num_steps)
+        return state
+    pending: list[dict[str, jax.Array]] = []
+    interval_start, interval_steps = time.perf_counter(), 0
+    run_start, run_first = time.perf_counter(), start_step
+    last_saved = start_step
+    try:
+        for step, host_batch in loader.iterate(start_step):
+            if step >= s.num_steps:
+                break
+            batch = parallel.global_batch({k: host_batch[k] for k in s.batch_keys}, mesh)
+            state, metrics = step_fn(state, batch, *extra_args)
+            pending.append(metrics)
+            interval_steps += 1
+            done = step + 1
+            if done % s.log_every == 0 or done == s.num_steps:
+                fetched = jax.device_get(pending)
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                pending = []
+                elapsed = time.perf_counter() - interval_start
+                steps_per_s = interval_steps / max(elapsed, 1e-9)
+                means["steps_per_s"] = steps_per_s
+                means["images_per_s"] = steps_per_s * s.batch_size
+                if getattr(loader, "num_skipped", 0):
+                    means["data/skipped_images"] = float(loader.num_skipped)
+                check_finite(means, done, s.finite_keys)
+                writer.write_scalars(done, means)
+                rate = (done - run_first) / max(time.perf_counter() - run_start, 1e-9)
+                shown = " ".join(f"{k}={v:.4g}" for k, v in means.items() if k not in ("steps_per_s", "images_per_s"))
+                logging.info(
+                    "%s step %d/%d | %s | %.2f steps/s, %.1f images/s | ETA %s",
+                    s.name, done, s.num_steps, shown, steps_per_s, means["images_per_s"],
+                    format_eta((s.num_steps - done) / max(rate, 1e-9)),
+                )
+                interval_start, interval_steps = time.perf_counter(), 0
+            if image_fn is not None and s.image_every and (done % s.image_every == 0 or done == s.num_steps):
+                writer.write_images(done, image_fn(state, batch))
+            if done % s.checkpoint_every == 0 or done == s.num_steps:
+                checkpointer.save(done, state, meta)
+                last_saved = done
+            if done == s.num_steps:
+                break
+    finally:
+        loader.close()
+        checkpointer.wait()
+    logging.info("%s: finished at step %d (last checkpoint %d)", s.name, s.num_steps, last_saved)
+    return state
