@@ -33,6 +33,16 @@ class LoopSettings:
     finite_keys: tuple[str, ...] = ("loss", "grad_norm")
 
 
+def check_finite_steps(fetched: list[dict[str, Any]], last_step: int, names: tuple[str, ...]) -> None:
+    """Raises ``FloatingPointError`` naming the first step whose ``names`` metrics are NaN/inf.
+
+    fetched: host metrics of the consecutive steps that end at ``last_step`` (1-based step numbers).
+    """
+    first = last_step - len(fetched) + 1
+    for i, metrics in enumerate(fetched):
+        check_finite({k: float(np.asarray(metrics[k])) for k in names if k in metrics}, first + i, names)
+
+
 def train_loop(
     settings: LoopSettings,
     state: Any,
@@ -48,7 +58,9 @@ def train_loop(
 ) -> Any:
     """Runs ``state, metrics = step_fn(state, batch, *extra_args)`` from ``start_step`` to ``num_steps``.
 
-    Checkpoints every ``checkpoint_every`` steps and at the end; returns the final state.
+    Checkpoints every ``checkpoint_every`` steps and at the end; returns the final state. A NaN/inf in
+    ``finite_keys`` stops training with ``FloatingPointError`` naming the first bad step, checked before anything
+    is logged, drawn or saved, so every checkpoint on disk is finite.
     """
     s = settings
     if start_step >= s.num_steps:
@@ -67,8 +79,16 @@ def train_loop(
             pending.append(metrics)
             interval_steps += 1
             done = step + 1
-            if done % s.log_every == 0 or done == s.num_steps:
+            last = done == s.num_steps
+            log_now = done % s.log_every == 0 or last
+            images_now = image_fn is not None and s.image_every and (done % s.image_every == 0 or last)
+            save_now = done % s.checkpoint_every == 0 or last
+            if log_now or images_now or save_now:
+                # Every step since the last check must be finite before anything is logged or saved, so a
+                # non-finite state never reaches a checkpoint (and the error names the first bad step).
                 fetched = jax.device_get(pending)
+                check_finite_steps(fetched, done, s.finite_keys)
+            if log_now:
                 means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 pending = []
                 elapsed = time.perf_counter() - interval_start
@@ -77,7 +97,6 @@ def train_loop(
                 means["images_per_s"] = steps_per_s * s.batch_size
                 if getattr(loader, "num_skipped", 0):
                     means["data/skipped_images"] = float(loader.num_skipped)
-                check_finite(means, done, s.finite_keys)
                 writer.write_scalars(done, means)
                 rate = (done - run_first) / max(time.perf_counter() - run_start, 1e-9)
                 shown = " ".join(f"{k}={v:.4g}" for k, v in means.items() if k not in ("steps_per_s", "images_per_s"))
@@ -87,12 +106,12 @@ def train_loop(
                     format_eta((s.num_steps - done) / max(rate, 1e-9)),
                 )
                 interval_start, interval_steps = time.perf_counter(), 0
-            if image_fn is not None and s.image_every and (done % s.image_every == 0 or done == s.num_steps):
+            if images_now:
                 writer.write_images(done, image_fn(state, batch))
-            if done % s.checkpoint_every == 0 or done == s.num_steps:
+            if save_now:
                 checkpointer.save(done, state, meta)
                 last_saved = done
-            if done == s.num_steps:
+            if last:
                 break
     finally:
         loader.close()

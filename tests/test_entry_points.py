@@ -1,0 +1,105 @@
+"""Entry points refuse bad input with a message that names the problem, before any compiling or training.
+
+``train.py`` runs as a subprocess where the command line itself is under test; the other refusals call
+``lidiff.train.train_and_evaluate`` (what ``train.py`` hands off to) in-process.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import digits_kl
+from lidiff.train import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train_py(*args, workdir):
+    """``python train.py --config=configs/digits_kl.py --workdir=<workdir> <args>`` -> CompletedProcess."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "train.py", "--config=configs/digits_kl.py", f"--workdir={workdir}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def digits_config(**loss):
+    """configs/digits_kl.py with loss overrides (a small config that fails before any compile)."""
+    config = digits_kl.get_config()
+    config.autoencoder.loss.update(loss)
+    return config
+
+
+def test_unknown_config_keys_on_the_command_line_are_named(tmp_path):
+    result = run_train_py("--config.autoencoder.train.no_such_key=1", "--config.autoencoder.train.num_step=3",
+                          "--config.nosection.x=2", workdir=str(tmp_path / "run"))
+    assert result.returncode != 0
+    err = result.stderr
+    assert "--config.autoencoder.train.no_such_key: config.autoencoder.train has no field 'no_such_key'" in err
+    assert "num_steps" in err.split("no_such_key")[-1]  # the fields that do exist are listed
+    assert "'num_step' (did you mean 'num_steps'?)" in err
+    assert "--config.nosection.x: config has no field 'nosection'" in err
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_bad_value_on_the_command_line_is_named(tmp_path):
+    result = run_train_py("--config.autoencoder.train.num_steps=many", workdir=str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "--config.autoencoder.train.num_steps=many" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    missing = str(tmp_path / "no_such_folder")
+    result = run_train_py("--config.data.source=folder", f"--config.data.path={missing}",
+                          workdir=str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert f"Image folder '{missing}' does not exist" in result.stderr
+    assert "config.data.path" in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "autoencoder" / "checkpoints")
+
+
+def test_empty_data_path_is_refused(tmp_path):
+    config = digits_config()
+    config.data.source = "folder"
+    with pytest.raises(ValueError, match=r"config\.data\.path is empty"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("no images here")
+    config = digits_config()
+    config.data.source = "folder"
+    config.data.path = str(tmp_path / "data")
+    with pytest.raises(ValueError, match="No images found in"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_perceptual_loss_without_lpips_weights_says_how_to_convert(tmp_path):
+    config = digits_config(perceptual_weight=1.0, lpips_weights="")
+    with pytest.raises(FileNotFoundError) as info:
+        train_and_evaluate(config, str(tmp_path))
+    message = str(info.value)
+    assert "config.autoencoder.loss.lpips_weights is empty" in message
+    assert "python -m lidiff.convert.lpips_weights" in message
+    assert "perceptual_weight=0" in message
+
+
+def test_missing_lpips_weights_file_is_named_with_conversion_command(tmp_path):
+    missing = str(tmp_path / "weights" / "lpips_vgg16.safetensors")
+    config = digits_config(perceptual_weight=1.0, lpips_weights=missing)
+    with pytest.raises(FileNotFoundError) as info:
+        train_and_evaluate(config, str(tmp_path / "run"))
+    message = str(info.value)
+    assert f"LPIPS weights not found at '{missing}'" in message
+    assert f"python -m lidiff.convert.lpips_weights --vgg vgg16-397923af.pth --lin vgg.pth --out {missing}" in message
+    assert "vgg16-397923af.pth" in message
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    config = digits_config()
+    config.stages = ("autoencoder", "vae")
+    with pytest.raises(ValueError, match=r"config\.stages=.*'vae'"):
+        train_and_evaluate(config, str(tmp_path))
