@@ -12,6 +12,7 @@ round-robin unless ``--labels`` lists them; ``--guidance_scale`` > 1 turns on cl
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -53,9 +54,16 @@ def main(argv):
     checkpointer = Checkpointer(directory) if os.path.isdir(directory) else None
     if checkpointer is None or checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no diffusion checkpoint in {directory}: train stage 2 first (train.py)")
-    state, meta = checkpointer.restore_raw(FLAGS.step or None)
-    checkpointer.close()
+    # Restore onto this machine's first device whatever mesh the run was trained on: the target is the train
+    # state's structure (params do not depend on the latent size) with a single-device sharding.
     f = first_stage.downsample_factor
+    train_latent = trainer.latent_shape(config.data.resolution)
+    abstract = jax.eval_shape(lambda rng: trainer.init_state(rng, jnp.float32(1.0), train_latent),
+                              jax.random.PRNGKey(0))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    state, _ = checkpointer.restore(target, FLAGS.step or None)
+    checkpointer.close()
     height = FLAGS.height or config.data.resolution
     width = FLAGS.width or config.data.resolution
     if height % f or width % f:
@@ -67,10 +75,10 @@ def main(argv):
         labels = np.resize(np.asarray(pool, np.int32), FLAGS.num_samples)
     logging.info("sampling %d images of %dx%d with %s (%d steps, eta %g, guidance %g) from step %d",
                  FLAGS.num_samples, height, width, FLAGS.sampler, FLAGS.steps, FLAGS.eta, FLAGS.guidance_scale,
-                 int(state["step"]))
+                 int(state.step))
     steps = None if FLAGS.sampler == "ddpm" else FLAGS.steps
     with tqdm(total=FLAGS.num_samples, desc="sampling", unit="img") as bar:
-        images = trainer.ldm.generate(state["ema_params"], fs_params, state["scale_factor"],
+        images = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor,
                                       jax.random.PRNGKey(FLAGS.seed), num=FLAGS.num_samples,
                                       latent_shape=latent_shape, labels=labels, sampler=FLAGS.sampler, steps=steps,
                                       eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale,

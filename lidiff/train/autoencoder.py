@@ -31,7 +31,8 @@ from lidiff.losses import autoencoder as ae_losses
 from lidiff.metrics.writers import MetricWriter, image_grid
 from lidiff.models.autoencoder import conv_out_apply
 from lidiff.train import builders
-from lidiff.train.common import compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader
+from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
+                                 run_once)
 from lidiff.train.loop import LoopSettings, train_loop
 
 STAGE = "autoencoder"
@@ -284,7 +285,7 @@ def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
     lpips_params = parallel.put_replicated(load_lpips(stage.loss), mesh)
     loader = make_loader(config.data, stage.train.batch_size, config.seed)  # fails early on missing data
     rep = parallel.replicated(mesh)
-    state = jax.jit(trainer.init_state, out_shardings=rep)(jax.random.PRNGKey(config.seed))
+    state = run_once(trainer.init_state, rep, jax.random.PRNGKey(config.seed))
     directory = stage_dir(workdir)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
     start = 0

@@ -9,6 +9,7 @@ UNet and conditioning params. ``scale_factor`` lives in the train state, so a re
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -26,7 +27,8 @@ from lidiff.diffusion.schedule import DiffusionSchedule
 from lidiff.losses.diffusion import diffusion_loss
 from lidiff.metrics.writers import MetricWriter, image_grid, save_samples
 from lidiff.train import builders
-from lidiff.train.common import compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader
+from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
+                                 run_once)
 from lidiff.train.first_stage import FirstStage, load_first_stage
 from lidiff.train.generate import LatentDiffusion, to_uint8
 from lidiff.train.loop import LoopSettings, train_loop
@@ -102,12 +104,17 @@ class DiffusionTrainer:
             encoding = {k: batch[k] for k in ("mean", "logvar", "latent") if k in batch}
         return jax.lax.stop_gradient(self.first_stage.latent_from_encoding(encoding, rng))
 
+    def scaled_latents(self, batch: dict, first_stage_params: Any, scale_factor: jax.Array,
+                       rng: jax.Array) -> jax.Array:
+        """What the UNet learns to generate: ``latents(...) * scale_factor``, [B, h, w, c] float32."""
+        return self.latents(batch, first_stage_params, rng) * scale_factor
+
     def train_step(self, state: DiffusionState, batch: dict, first_stage_params: Any):
         """One AdamW + EMA update. batch: {"image": [B,R,R,3]} or cached encodings, plus "label" [B] if conditional."""
         c = self.cfg
         rng = jax.random.fold_in(self.seed_key, state.step)
         k_latent, k_loss, k_drop, k_uncond = jax.random.split(rng, 4)
-        z = self.latents(batch, first_stage_params, k_latent) * state.scale_factor
+        z = self.scaled_latents(batch, first_stage_params, state.scale_factor, k_latent)
         cond = None
         if self.conditional:
             labels = batch["label"].astype(jnp.int32)
@@ -167,6 +174,41 @@ def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any
     return path
 
 
+TFDS_MANUAL_HINT = (
+    "A tfds dataset whose files are placed by hand, such as CelebA-HQ, is read with --config.data.source=tfds "
+    "--config.data.tfds_name=celeb_a_hq/256 --config.data.manual_dir=<folder holding its downloaded files>."
+)
+
+
+def _data_problem(config: ConfigDict) -> str | None:
+    """Why stage 2 could not read ``config.data`` (the loader's own message plus how to point it at a tfds
+    dataset with a manual dir), or None when it can. Builds the source once and closes it."""
+    cache = config.diffusion.latent_cache
+    if cache.enabled and cache.path and os.path.exists(cache.path):
+        return None
+    try:
+        make_loader(config.data, config.diffusion.train.batch_size, config.seed).close()
+    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as e:
+        return f"{e}\n{TFDS_MANUAL_HINT}"
+    return None
+
+
+def load_inputs(config: ConfigDict, workdir: str) -> tuple[FirstStage, Any]:
+    """The frozen first stage, failing before anything compiles. When it is missing, the data is checked too,
+    so that one message names everything the user has to provide (data first: stage 1 needs it as well)."""
+    try:
+        return load_first_stage(config, workdir)
+    except FileNotFoundError as missing_first_stage:
+        data_problem = _data_problem(config)
+        if data_problem is None:
+            raise
+        raise FileNotFoundError(
+            "stage 2 (diffusion) cannot start; two things are missing:\n"
+            f"1. the data: {data_problem}\n"
+            f"2. the first stage: {missing_first_stage}"
+        ) from missing_first_stage
+
+
 def checkpoint_meta(config: ConfigDict, scale_factor: float) -> dict:
     return {"stage": STAGE, "scale_factor": float(scale_factor), "config": config.to_json()}
 
@@ -176,7 +218,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     stage = config.diffusion
     mesh = parallel.make_mesh()
     parallel.check_batch_size(stage.train.batch_size, mesh)
-    first_stage, fs_params = load_first_stage(config, workdir)
+    first_stage, fs_params = load_inputs(config, workdir)
     fs_params = parallel.put_replicated(fs_params, mesh)
     trainer = DiffusionTrainer(stage, first_stage, config.seed)
     if trainer.conditional and stage.conditioning.num_classes <= 0:
@@ -196,7 +238,8 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
     rep = parallel.replicated(mesh)
     latent_shape = trainer.latent_shape(config.data.resolution)
-    init = jax.jit(trainer.init_state, static_argnums=(2,), out_shardings=rep)
+    init = lambda key, scale, shape: run_once(functools.partial(trainer.init_state, latent_shape=shape), rep,  # noqa: E731
+                                              key, scale)
     first_batch = loader.batch_at(0)
     keys = _batch_keys(first_batch, trainer.conditional)
     start = 0
