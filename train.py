@@ -5,14 +5,14 @@ does not exist is an error. Re-running with the same ``--workdir`` resumes from 
 """
 
 import difflib
+import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from lidiff import parallel
-from lidiff.checkpoint import quiet_orbax_logs
+from lidiff import cli, parallel
 from lidiff.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -57,8 +57,26 @@ def unknown_overrides(argv: list[str]) -> list[str]:
     return problems
 
 
+def missing_config_file(argv: list[str]) -> str | None:
+    """A message when ``--config`` names a file that does not exist (``path[:variant]``), else None."""
+    path = _config_file(argv)
+    if path is None:
+        return None
+    path = path.split(":", 1)[0]
+    if os.path.isfile(path):
+        return None
+    configs = sorted(f for f in os.listdir("configs") if f.endswith(".py")) if os.path.isdir("configs") else []
+    close = difflib.get_close_matches(os.path.basename(path), configs, n=1)
+    hint = f" (did you mean configs/{close[0]}?)" if close else ""
+    return f"--config={path}: no such config file{hint}. The shipped experiments are in configs/."
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, except that a ``--config.<path>`` naming no config field is reported by name."""
+    """absl's flag parsing, except that a missing ``--config`` file and a ``--config.<path>`` naming no config
+    field are reported by name, without a traceback."""
+    missing = missing_config_file(argv)
+    if missing:
+        cli.exit_with_message(missing)
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):
@@ -73,10 +91,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed()
-    logging.set_verbosity(logging.INFO)
-    quiet_orbax_logs()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

@@ -15,6 +15,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lidiff.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -49,16 +51,20 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Refuses a global batch that does not split evenly over devices and processes."""
-    n = mesh.devices.size
-    if global_batch_size % n:
-        raise ValueError(
-            f"global batch size {global_batch_size} does not divide over {n} devices; "
-            f"set the batch size to a multiple of {n}"
+def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "the global batch size") -> None:
+    """Refuses a global batch (the config ``field`` holding it) that is not positive or does not split evenly
+    over the devices and processes."""
+    n, p = mesh.devices.size, jax.process_count()
+    if global_batch_size <= 0:
+        raise ConfigError(f"{field}={global_batch_size}: the batch size must be positive (a multiple of {n}, the "
+                          "number of devices)")
+    if global_batch_size % n or global_batch_size % p:
+        multiple = max(n, p)
+        suggestion = max(multiple, global_batch_size // multiple * multiple)
+        raise ConfigError(
+            f"{field}={global_batch_size} does not divide over the {n} devices ({p} processes): set it to a "
+            f"multiple of {multiple}, e.g. {field.removeprefix('config.')}={suggestion}"
         )
-    if global_batch_size % jax.process_count():
-        raise ValueError(f"global batch size {global_batch_size} does not divide over {jax.process_count()} processes")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

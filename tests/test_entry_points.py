@@ -103,3 +103,64 @@ def test_unknown_stage_is_refused(tmp_path):
     config.stages = ("autoencoder", "vae")
     with pytest.raises(ValueError, match=r"config\.stages=.*'vae'"):
         train_and_evaluate(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- user mistakes end in a message
+
+
+def run_command(*cmd, devices=1, timeout=300):
+    """Runs ``python <cmd>`` in the repository with ``devices`` forced CPU devices -> CompletedProcess."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_refused(result, *phrases):
+    """Non-zero exit, every phrase on stderr, no traceback anywhere, and no backend-probing noise."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, (phrase, result.stderr[-2000:])
+    assert "Traceback" not in output, output[-3000:]
+    assert "Unable to initialize backend" not in output
+
+
+def test_train_py_missing_config_file(tmp_path):
+    result = run_command("train.py", "--config=configs/digits_kll.py", f"--workdir={tmp_path}")
+    assert_refused(result, "--config=configs/digits_kll.py: no such config file", "did you mean configs/digits_kl.py")
+
+
+def test_train_py_negative_batch_size_names_the_config_field(tmp_path):
+    result = run_command("train.py", "--config=configs/digits_kl.py", f"--workdir={tmp_path}",
+                         "--config.autoencoder.train.batch_size=-4")
+    assert_refused(result, "config.autoencoder.train.batch_size=-4", "must be positive")
+
+
+def test_train_py_batch_size_not_dividing_over_devices(tmp_path):
+    result = run_command("train.py", "--config=configs/digits_kl.py", f"--workdir={tmp_path}",
+                         "--config.autoencoder.train.batch_size=12", devices=8)
+    assert_refused(result, "config.autoencoder.train.batch_size=12 does not divide over the 8 devices",
+                   "autoencoder.train.batch_size=8")
+
+
+def test_train_py_missing_folder_is_a_message(tmp_path):
+    missing = str(tmp_path / "no_such_folder")
+    result = run_command("train.py", "--config=configs/digits_kl.py", f"--workdir={tmp_path / 'run'}",
+                         "--config.data.source=folder", f"--config.data.path={missing}")
+    assert_refused(result, f"Image folder '{missing}' does not exist", "config.data.path")
+
+
+def test_train_py_folder_of_corrupt_images_is_refused_before_compiling(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(101):
+        (folder / f"img{i:03d}.jpg").write_bytes(b"not a jpeg")
+    result = run_command("train.py", "--config=configs/digits_kl.py", f"--workdir={tmp_path / 'run'}",
+                         "--config.data.source=folder", f"--config.data.path={folder}")
+    assert_refused(result, "Data loading failed", "unreadable")
+    assert "compiled" not in result.stderr  # refused before the step was compiled
+
+
+def test_sample_py_without_a_stage_two_checkpoint(tmp_path):
+    result = run_command("sample.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}")
+    assert_refused(result, f"--workdir={tmp_path}: no stage-2 (diffusion) checkpoint", "train stage 2 first")

@@ -23,6 +23,7 @@ from absl import logging
 from lidiff.data import transforms
 from lidiff.data.pipeline import epoch_permutation
 from lidiff.data.sources import Source
+from lidiff.errors import DataError, MissingInputError
 
 Batch = Dict[str, np.ndarray]
 
@@ -69,7 +70,7 @@ def build_latent_cache(
                 logging.warning("latent cache: unreadable example %s replaced by the previous one",
                                 source.describe(index))
                 if last_good is None:
-                    raise ValueError(f"latent cache: the first example {source.describe(index)} is unreadable")
+                    raise DataError(f"latent cache: the first example {source.describe(index)} is unreadable")
                 image, label = last_good
             last_good = (image, label)
             images.append(image)
@@ -102,7 +103,7 @@ class CachedLatentLoader:
     def __init__(self, path: str, *, global_batch_size: int, seed: int = 0, process_index: int = 0,
                  process_count: int = 1):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"latent cache {path} does not exist; build it with build_latent_cache")
+            raise MissingInputError(f"latent cache {path} does not exist; build it with build_latent_cache")
         with np.load(path) as data:
             self.arrays = {name: data[name] for name in data.files}
         self.size = len(next(iter(self.arrays.values())))

@@ -31,6 +31,7 @@ from absl import logging
 
 from lidiff.data import transforms
 from lidiff.data.sources import Source
+from lidiff.errors import DataError
 
 Batch = Dict[str, np.ndarray]
 
@@ -204,7 +205,7 @@ class DataLoader:
                 else f"{tries} consecutive examples (stream positions {position}..{position + tries - 1}) are "
                 f"unreadable"
             )
-            raise RuntimeError(
+            raise DataError(
                 f"Data loading failed: {what}, e.g. {self.source.describe(bad[0])}. Check that the data is "
                 f"where config.data.path points and that the files are images PIL can decode."
             )
@@ -254,7 +255,7 @@ class DataLoader:
             self.num_reads >= _MIN_READS_FOR_FRACTION
             and self.num_skipped > self.max_skip_fraction * self.num_reads
         ):
-            raise RuntimeError(
+            raise DataError(
                 f"Data loading failed: {self.num_skipped} of {self.num_reads} reads were unreadable, more than "
                 f"max_skip_fraction={self.max_skip_fraction}. Check the files (first bad: "
                 f"{self.source.describe(min(self._logged_bad))})."

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from lidiff.errors import ConfigError
+
 STAGES = ("autoencoder", "diffusion")
 
 
@@ -15,7 +17,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> None:
     """
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown or not config.stages:
-        raise ValueError(f"config.stages={tuple(config.stages)!r}: each stage must be one of {STAGES}")
+        raise ConfigError(f"config.stages={tuple(config.stages)!r}: each stage must be one of {STAGES}")
     for stage in config.stages:
         if stage == "autoencoder":
             from lidiff.train.autoencoder import train_autoencoder

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 
 from lidiff import parallel
 from lidiff.checkpoint import Checkpointer
+from lidiff.errors import ConfigError, MissingInputError
 from lidiff.losses import autoencoder as ae_losses
 from lidiff.metrics.writers import MetricWriter, image_grid
 from lidiff.models.autoencoder import conv_out_apply
@@ -67,13 +68,16 @@ def load_lpips(loss: ConfigDict) -> dict:
     from lidiff.convert.lpips_weights import conversion_command, load_lpips_params
 
     if not loss.lpips_weights:
-        raise FileNotFoundError(
+        raise MissingInputError(
             "config.autoencoder.loss.perceptual_weight > 0 but config.autoencoder.loss.lpips_weights is empty. "
             f"Convert the VGG16 and LPIPS v0.1 weights once with:\n  {conversion_command()}\n"
             "then set --config.autoencoder.loss.lpips_weights=lpips_vgg16.safetensors "
             "(or set perceptual_weight=0 to train without LPIPS)."
         )
-    return load_lpips_params(loss.lpips_weights)
+    try:
+        return load_lpips_params(loss.lpips_weights)
+    except FileNotFoundError as e:
+        raise MissingInputError(str(e)) from None
 
 
 class AutoencoderTrainer:
@@ -87,9 +91,9 @@ class AutoencoderTrainer:
         self.lpips = builders.build_lpips(self.dtype)
         self.is_vq = stage.model.kind == "vq"
         if stage.loss.disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"unknown config.autoencoder.loss.disc_loss {stage.loss.disc_loss!r}; use hinge or vanilla")
+            raise ConfigError(f"unknown config.autoencoder.loss.disc_loss {stage.loss.disc_loss!r}; use hinge or vanilla")
         if stage.loss.reconstruction not in ("l1", "l2"):
-            raise ValueError(f"unknown config.autoencoder.loss.reconstruction {stage.loss.reconstruction!r}; use l1 or l2")
+            raise ConfigError(f"unknown config.autoencoder.loss.reconstruction {stage.loss.reconstruction!r}; use l1 or l2")
         self.seed_key = jax.random.PRNGKey(seed)
         o = stage.optim
         self.tx = optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
@@ -275,24 +279,29 @@ def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
     """Trains stage 1 into ``<workdir>/autoencoder`` (resuming from its latest checkpoint when there is one)."""
     stage = config.autoencoder
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(stage.train.batch_size, mesh)
+    parallel.check_batch_size(stage.train.batch_size, mesh, "config.autoencoder.train.batch_size")
     if config.data.resolution != stage.model.resolution:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.resolution ({config.data.resolution}) != config.autoencoder.model.resolution "
             f"({stage.model.resolution}); set them equal"
         )
     trainer = AutoencoderTrainer(stage, config.seed)
     lpips_params = parallel.put_replicated(load_lpips(stage.loss), mesh)
-    loader = make_loader(config.data, stage.train.batch_size, config.seed)  # fails early on missing data
-    rep = parallel.replicated(mesh)
-    state = run_once(trainer.init_state, rep, jax.random.PRNGKey(config.seed))
+    loader = make_loader(config.data, stage.train.batch_size, config.seed)
     directory = stage_dir(workdir)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
+    state = run_once(trainer.init_state, parallel.replicated(mesh), jax.random.PRNGKey(config.seed))
     start = 0
     if checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state)
         start = int(state.step)
+        if start >= stage.train.num_steps:  # done: nothing to compile
+            logging.info("autoencoder: already trained to step %d of %d", start, stage.train.num_steps)
+            loader.close()
+            checkpointer.close()
+            return state
         logging.info("autoencoder: resuming from step %d", start)
+    loader.batch_at(start)  # unreadable data fails here, before the step compiles
     n_params = sum(x.size for x in jax.tree.leaves(state.params["autoencoder"]))
     logging.info("autoencoder (%s): %.2fM params, %d devices, global batch %d", stage.model.kind, n_params / 1e6,
                  mesh.devices.size, stage.train.batch_size)

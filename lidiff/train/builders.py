@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from lidiff.errors import ConfigError
+
 
 def build_autoencoder(model: ConfigDict, dtype: jnp.dtype = jnp.float32):
     """``config.autoencoder.model`` -> ``AutoencoderKL`` or ``VQModel``."""
@@ -25,13 +27,13 @@ def build_autoencoder(model: ConfigDict, dtype: jnp.dtype = jnp.float32):
         from lidiff.models.autoencoder import AutoencoderKL
 
         if not model.double_z:
-            raise ValueError("config.autoencoder.model.double_z must be True for kind='kl' (mean and logvar)")
+            raise ConfigError("config.autoencoder.model.double_z must be True for kind='kl' (mean and logvar)")
         return AutoencoderKL(**common)
     if model.kind == "vq":
         from lidiff.models.quantizer import VQModel
 
         if model.n_embed <= 0:
-            raise ValueError("config.autoencoder.model.n_embed must be > 0 for kind='vq' (codebook size)")
+            raise ConfigError("config.autoencoder.model.n_embed must be > 0 for kind='vq' (codebook size)")
         return VQModel(
             n_embed=model.n_embed,
             beta=model.beta,
@@ -39,7 +41,7 @@ def build_autoencoder(model: ConfigDict, dtype: jnp.dtype = jnp.float32):
             use_l2_normalized_codes=model.l2_normalized_codes,
             **common,
         )
-    raise ValueError(f"unknown config.autoencoder.model.kind {model.kind!r}; choose 'kl' or 'vq'")
+    raise ConfigError(f"unknown config.autoencoder.model.kind {model.kind!r}; choose 'kl' or 'vq'")
 
 
 def build_discriminator(loss: ConfigDict, dtype: jnp.dtype = jnp.float32):
@@ -62,17 +64,17 @@ def build_unet(model: ConfigDict, conditioning: ConfigDict, dtype: jnp.dtype = j
     context_dim = model.context_dim or None
     if conditioning.kind == "class":
         if not model.use_spatial_transformer:
-            raise ValueError(
+            raise ConfigError(
                 "config.diffusion.conditioning.kind='class' feeds the class embedding through cross-attention: "
                 "set config.diffusion.model.use_spatial_transformer=True"
             )
         if context_dim != conditioning.embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"config.diffusion.model.context_dim ({model.context_dim}) must equal "
                 f"config.diffusion.conditioning.embed_dim ({conditioning.embed_dim})"
             )
     elif conditioning.kind != "none":
-        raise ValueError(f"unknown config.diffusion.conditioning.kind {conditioning.kind!r}; choose 'none' or 'class'")
+        raise ConfigError(f"unknown config.diffusion.conditioning.kind {conditioning.kind!r}; choose 'none' or 'class'")
     return UNetModel(
         in_channels=model.in_channels,
         out_channels=model.out_channels,
@@ -106,5 +108,5 @@ def build_conditioning(conditioning: ConfigDict, dtype: jnp.dtype = jnp.float32)
     from lidiff.models.conditioning import ClassEmbedder
 
     if conditioning.num_classes <= 0:
-        raise ValueError("config.diffusion.conditioning.num_classes must be > 0 for kind='class'")
+        raise ConfigError("config.diffusion.conditioning.num_classes must be > 0 for kind='class'")
     return ClassEmbedder(embed_dim=conditioning.embed_dim, n_classes=conditioning.num_classes + 1, dtype=dtype)

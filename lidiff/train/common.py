@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from lidiff import parallel
+from lidiff.errors import ConfigError, MissingInputError, TrainingDiverged, UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -20,7 +21,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str) -> jnp.dtype:
     """``"float32"`` | ``"bfloat16"`` -> jnp dtype, refusing anything else by name."""
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r} (config.*.train.dtype); choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -41,14 +42,26 @@ def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
 
 
 def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
-    """The data loader for this process's share of each global batch, from ``config.data``."""
+    """The data loader for this process's share of each global batch, from ``config.data``. A source that
+    cannot be built (missing folder, no images, unknown tfds feature, ...) is a ``UserError`` naming it."""
+    try:
+        return _make_loader(data, global_batch_size, seed)
+    except UserError:
+        raise
+    except (FileNotFoundError, NotADirectoryError) as e:  # the source's own message names the path
+        raise MissingInputError(str(e)) from e
+    except (ValueError, KeyError, ImportError, RuntimeError) as e:
+        raise ConfigError(f"config.data: {e}") from e
+
+
+def _make_loader(data: ConfigDict, global_batch_size: int, seed: int):
     from lidiff.data.pipeline import DataLoader
     from lidiff.data.sources import make_source
 
     kind = data.source
     if kind == "folder":
         if not data.path:
-            raise ValueError(
+            raise ConfigError(
                 "config.data.path is empty: point it at a folder of jpg/png/webp images, e.g. "
                 "--config.data.path=/data/celebahq256 (or use --config.data.source=tfds with "
                 "--config.data.tfds_name=...)"
@@ -56,7 +69,7 @@ def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
         source = make_source("folder", path=data.path, class_from_subdir=data.class_from_subdir)
     elif kind == "tfds":
         if not data.tfds_name:
-            raise ValueError("config.data.tfds_name is empty: name a tfds dataset, e.g. celeb_a_hq/256")
+            raise ConfigError("config.data.tfds_name is empty: name a tfds dataset, e.g. celeb_a_hq/256")
         source = make_source(
             "tfds",
             name=data.tfds_name,
@@ -77,7 +90,7 @@ def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
             seed=seed,
         )
     else:
-        raise ValueError(f"unknown config.data.source {kind!r}; choose folder, tfds, digits or synthetic")
+        raise ConfigError(f"unknown config.data.source {kind!r}; choose folder, tfds, digits or synthetic")
     return DataLoader(
         source,
         global_batch_size=global_batch_size,
@@ -126,7 +139,7 @@ def check_finite(metrics: dict[str, float], step: int, names: tuple[str, ...]) -
     """Stops training when a loss or gradient norm is NaN/inf (the last checkpoint stays as it was)."""
     bad = {k: metrics[k] for k in names if k in metrics and not np.isfinite(metrics[k])}
     if bad:
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"non-finite values at step {step}: {bad}; training stopped, the latest checkpoint is untouched. "
             "Lower the learning rate, use float32, or check the data."
         )

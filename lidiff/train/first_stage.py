@@ -12,6 +12,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from lidiff.checkpoint import Checkpointer
+from lidiff.errors import MissingInputError
 from lidiff.models.autoencoder import DiagonalGaussian
 from lidiff.train import builders
 
@@ -62,14 +63,14 @@ def load_first_stage(config: ConfigDict, workdir: str) -> tuple[FirstStage, Any]
     fs = config.diffusion.first_stage
     root = fs.workdir or workdir
     directory = os.path.join(root, "autoencoder", "checkpoints")
-    checkpointer = Checkpointer(directory) if os.path.isdir(directory) else None
+    checkpointer = Checkpointer(directory, create=False) if os.path.isdir(directory) else None
     if checkpointer is None or checkpointer.latest_step() is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no autoencoder checkpoint in {directory}. Train stage 1 first (config.stages=('autoencoder', "
             "'diffusion') or configs/autoencoder_*.py with the same --workdir), or point "
             "--config.diffusion.first_stage.workdir at a stage-1 workdir."
         )
-    state, meta = checkpointer.restore_raw()
+    state, meta, _ = checkpointer.restore_items(names=("step", "params", "ema_params"))
     checkpointer.close()
     model_cfg = ConfigDict(meta["model"])
     model = builders.build_autoencoder(model_cfg, jnp.float32)

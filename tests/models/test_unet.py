@@ -135,12 +135,18 @@ def test_timestep_embedding_is_cos_then_sin():
     from diffusers.models.embeddings import get_timestep_embedding
 
     t = np.array([0, 1, 17, 999, 250.5], np.float32)
-    ours = np.asarray(timestep_embedding(jnp.asarray(t), 64))
-    ref = get_timestep_embedding(torch.from_numpy(t), 64, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
-    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+    ours = np.asarray(timestep_embedding(jnp.asarray(t), 64), np.float64)
     freqs = np.exp(-np.log(1e4) * np.arange(32) / 32)
-    np.testing.assert_allclose(ours[3, :32], np.cos(999 * freqs), atol=1e-4)
-    np.testing.assert_allclose(ours[3, 32:], np.sin(999 * freqs), atol=1e-4)
+    exact = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=1)  # float64
+    # Tolerance from the float32 arithmetic: the argument t * f is rounded to 2**-24 relative (about t * 6e-8
+    # radians at t ~ 1000, where the argument reaches 1000 rad), the frequency f itself carries ~2 roundings
+    # (exp of a rounded product), and cos/sin add ~1 ulp: |error| <= 4 * 2**-24 * t + 2**-23 per row.
+    eps = np.finfo(np.float32).eps
+    tol = (2 * eps * np.maximum(t, 1.0) + eps)[:, None]
+    assert np.all(np.abs(ours - exact) <= tol), np.max(np.abs(ours - exact) / tol)
+    ref = get_timestep_embedding(torch.from_numpy(t), 64, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+    assert np.all(np.abs(ours - ref) <= 2 * tol)  # diffusers' float32 result carries the same error bound
+    assert np.max(np.abs(ours[:, :32] - np.sin(t[:, None] * freqs))) > 0.5  # cos first: the halves are not swapped
     odd = np.asarray(timestep_embedding(jnp.asarray(t), 7))
     assert odd.shape == (5, 7) and np.all(odd[:, -1] == 0)
 
