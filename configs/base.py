@@ -194,6 +194,17 @@ def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **p
     c.sample.guidance_scale = 1.0
     c.sample.num_images = 16  # periodic sample grids
     c.sample.final_samples_per_class = 0  # >0: write <workdir>/samples.npz at the end of training
+    c.eval = ConfigDict()  # in-training FID of EMA samples (lidiff.train.evaluator)
+    c.eval.every = 0  # steps between evaluations (0 = off)
+    c.eval.num_samples = 2048  # EMA samples per evaluation (FID is biased below ~2048; papers use 50k)
+    c.eval.reference_stats = ""  # .npz with mu, sigma: python -m lidiff.eval --samples <config> --save_stats F
+    c.eval.inception_weights = ""  # python -m lidiff.convert.inception_weights --pth ... --out F
+    c.eval.allow_random_inception = False  # tests only: a random Inception, logged as eval/fid_random_inception
+    c.eval.batch_size = 64
+    c.eval.sampler = "ddim"
+    c.eval.steps = 50
+    c.eval.eta = 0.0
+    c.eval.guidance_scale = 1.0
     return c
 
 

@@ -157,15 +157,16 @@ def read_metrics(logdir: str) -> list[dict]:
 
 
 def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = None, *, write_pngs: bool = True,
-                 grid_cols: int | None = None, max_grid: int = 256) -> str:
-    """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given), a grid
-    ``samples_grid.png`` of the first ``max_grid``, and (``write_pngs``) one PNG per image under ``images/``.
+                 grid_cols: int | None = None, max_grid: int = 256, settings: Mapping[str, float] | None = None) -> str:
+    """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given, and each
+    of ``settings`` as a scalar, e.g. the sampler and checkpoint step), a grid ``samples_grid.png`` of the first
+    ``max_grid``, and (``write_pngs``) one PNG per image under ``images/``.
 
     Returns the npz path. The npz is written atomically (temp file + rename).
     """
     os.makedirs(outdir, exist_ok=True)
     images = np.asarray(images, np.uint8)
-    arrays = {"images": images}
+    arrays = {"images": images, **{k: np.asarray(v) for k, v in (settings or {}).items()}}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, np.int64)
     path = os.path.join(outdir, "samples.npz")

@@ -23,12 +23,14 @@ from ml_collections import ConfigDict
 
 from lidiff import parallel
 from lidiff.checkpoint import Checkpointer
+from lidiff.errors import ConfigError, MissingInputError, UserError
 from lidiff.diffusion.schedule import DiffusionSchedule
 from lidiff.losses.diffusion import diffusion_loss
 from lidiff.metrics.writers import MetricWriter, image_grid, save_samples
 from lidiff.train import builders
 from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
                                  run_once)
+from lidiff.train.evaluator import generate_for_eval, make_fid_evaluator
 from lidiff.train.first_stage import FirstStage, load_first_stage
 from lidiff.train.generate import LatentDiffusion, to_uint8
 from lidiff.train.loop import LoopSettings, train_loop
@@ -66,7 +68,7 @@ class DiffusionTrainer:
         self.dtype = compute_dtype(stage.train.dtype)
         self.first_stage = first_stage
         if stage.model.in_channels != first_stage.latent_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"config.diffusion.model.in_channels ({stage.model.in_channels}) != the first stage's latent "
                 f"channels ({first_stage.latent_channels}); set them equal"
             )
@@ -156,7 +158,7 @@ def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any
     if os.path.exists(path):
         return path
     if config.data.random_flip:
-        raise ValueError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
+        raise ConfigError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
                          "turn one of them off")
     loader = make_loader(config.data, config.diffusion.train.batch_size, config.seed)
     encode = jax.jit(trainer.first_stage.encode)
@@ -188,7 +190,7 @@ def _data_problem(config: ConfigDict) -> str | None:
         return None
     try:
         make_loader(config.data, config.diffusion.train.batch_size, config.seed).close()
-    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as e:
+    except UserError as e:
         return f"{e}\n{TFDS_MANUAL_HINT}"
     return None
 
@@ -198,15 +200,15 @@ def load_inputs(config: ConfigDict, workdir: str) -> tuple[FirstStage, Any]:
     so that one message names everything the user has to provide (data first: stage 1 needs it as well)."""
     try:
         return load_first_stage(config, workdir)
-    except FileNotFoundError as missing_first_stage:
+    except MissingInputError as missing_first_stage:
         data_problem = _data_problem(config)
         if data_problem is None:
             raise
-        raise FileNotFoundError(
+        raise MissingInputError(
             "stage 2 (diffusion) cannot start; two things are missing:\n"
             f"1. the data: {data_problem}\n"
             f"2. the first stage: {missing_first_stage}"
-        ) from missing_first_stage
+        ) from None
 
 
 def checkpoint_meta(config: ConfigDict, scale_factor: float) -> dict:
@@ -217,12 +219,12 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     """Trains stage 2 into ``<workdir>/diffusion`` (resuming from its latest checkpoint when there is one)."""
     stage = config.diffusion
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(stage.train.batch_size, mesh)
+    parallel.check_batch_size(stage.train.batch_size, mesh, "config.diffusion.train.batch_size")
     first_stage, fs_params = load_inputs(config, workdir)
     fs_params = parallel.put_replicated(fs_params, mesh)
     trainer = DiffusionTrainer(stage, first_stage, config.seed)
     if trainer.conditional and stage.conditioning.num_classes <= 0:
-        raise ValueError("class conditioning needs config.diffusion.conditioning.num_classes > 0")
+        raise ConfigError("class conditioning needs config.diffusion.conditioning.num_classes > 0")
     directory = os.path.join(workdir, STAGE)
     if stage.latent_cache.enabled:
         from lidiff.data.latents import CachedLatentLoader
@@ -233,7 +235,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     else:
         loader = make_loader(config.data, stage.train.batch_size, config.seed)
     if trainer.conditional and not getattr(loader, "has_labels", False):
-        raise ValueError("conditioning.kind='class' but the data has no labels (set data.label_key, "
+        raise ConfigError("conditioning.kind='class' but the data has no labels (set data.label_key, "
                          "data.class_from_subdir, or use a labelled source)")
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
     rep = parallel.replicated(mesh)
@@ -247,6 +249,13 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
         state = init(jax.random.PRNGKey(config.seed), jnp.float32(1.0), latent_shape)
         state, _ = checkpointer.restore(state)
         start = int(state.step)
+        if start >= stage.train.num_steps:  # done: nothing to compile
+            logging.info("diffusion: already trained to step %d of %d", start, stage.train.num_steps)
+            loader.close()
+            checkpointer.close()
+            if stage.sample.final_samples_per_class > 0 and not os.path.exists(os.path.join(workdir, "samples.npz")):
+                write_final_samples(config, trainer, state, fs_params, latent_shape, workdir)
+            return state
         logging.info("diffusion: resuming from step %d with the saved scale_factor %.6g", start,
                      float(state.scale_factor))
     else:
@@ -260,6 +269,9 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("diffusion: %.2fM params, latents %s x scale_factor %.6g, %d devices, global batch %d",
                  n_params / 1e6, latent_shape, float(state.scale_factor), mesh.devices.size, stage.train.batch_size)
+    num_classes = stage.conditioning.num_classes if trainer.conditional else 0
+    evaluate = make_fid_evaluator(stage.eval, generate_for_eval(trainer, fs_params, latent_shape, stage.eval,
+                                                                num_classes))  # its files checked before compiling
     example = {k: np.zeros((stage.train.batch_size,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
     step_fn, _ = compile_step(trainer.train_step, mesh, state, example, fs_params, name=STAGE)
 
@@ -275,10 +287,10 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     writer = MetricWriter(directory)
     settings = LoopSettings(name=STAGE, num_steps=stage.train.num_steps, batch_size=stage.train.batch_size,
                             log_every=stage.train.log_every, checkpoint_every=stage.train.checkpoint_every,
-                            image_every=stage.train.sample_every, batch_keys=keys)
+                            image_every=stage.train.sample_every, eval_every=stage.eval.every, batch_keys=keys)
     try:
         state = train_loop(settings, state, start, step_fn, (fs_params,), loader, mesh, checkpointer,
-                           checkpoint_meta(config, float(state.scale_factor)), writer, images)
+                           checkpoint_meta(config, float(state.scale_factor)), writer, images, evaluate)
     finally:
         writer.close()
         checkpointer.close()

@@ -29,12 +29,13 @@ class LoopSettings:
     log_every: int
     checkpoint_every: int
     image_every: int = 0  # 0 = never
+    eval_every: int = 0  # 0 = never; steps between calls of the loop's ``eval_fn``
     batch_keys: tuple[str, ...] = ("image",)  # the batch entries the step consumes
     finite_keys: tuple[str, ...] = ("loss", "grad_norm")
 
 
 def check_finite_steps(fetched: list[dict[str, Any]], last_step: int, names: tuple[str, ...]) -> None:
-    """Raises ``FloatingPointError`` naming the first step whose ``names`` metrics are NaN/inf.
+    """Raises ``TrainingDiverged`` naming the first step whose ``names`` metrics are NaN/inf.
 
     fetched: host metrics of the consecutive steps that end at ``last_step`` (1-based step numbers).
     """
@@ -55,11 +56,12 @@ def train_loop(
     meta: dict[str, Any],
     writer: MetricWriter,
     image_fn: Callable[[Any, dict[str, jax.Array]], dict[str, np.ndarray]] | None = None,
+    eval_fn: Callable[[Any, int], dict[str, float]] | None = None,
 ) -> Any:
     """Runs ``state, metrics = step_fn(state, batch, *extra_args)`` from ``start_step`` to ``num_steps``.
 
     Checkpoints every ``checkpoint_every`` steps and at the end; returns the final state. A NaN/inf in
-    ``finite_keys`` stops training with ``FloatingPointError`` naming the first bad step, checked before anything
+    ``finite_keys`` stops training with ``TrainingDiverged`` naming the first bad step, checked before anything
     is logged, drawn or saved, so every checkpoint on disk is finite.
     """
     s = settings
@@ -83,7 +85,8 @@ def train_loop(
             log_now = done % s.log_every == 0 or last
             images_now = image_fn is not None and s.image_every and (done % s.image_every == 0 or last)
             save_now = done % s.checkpoint_every == 0 or last
-            if log_now or images_now or save_now:
+            eval_now = eval_fn is not None and s.eval_every and (done % s.eval_every == 0 or last)
+            if log_now or images_now or save_now or eval_now:
                 # Every step since the last check must be finite before anything is logged or saved, so a
                 # non-finite state never reaches a checkpoint (and the error names the first bad step).
                 fetched = jax.device_get(pending)
@@ -108,6 +111,8 @@ def train_loop(
                 interval_start, interval_steps = time.perf_counter(), 0
             if images_now:
                 writer.write_images(done, image_fn(state, batch))
+            if eval_now:
+                writer.write_scalars(done, eval_fn(state, done))
             if save_now:
                 checkpointer.save(done, state, meta)
                 last_saved = done

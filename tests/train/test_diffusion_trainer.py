@@ -226,7 +226,7 @@ def test_scale_factor_is_one_over_std_of_first_batch_and_saved(runs, run_trainer
     for step in (2, 4):
         meta = checkpointer.restore_meta(step)
         np.testing.assert_allclose(meta["scale_factor"], expected, rtol=2e-6)
-        saved, _ = checkpointer.restore_raw(step)
+        saved, _, _ = checkpointer.restore_items(step=step, names=("scale_factor",))
         np.testing.assert_allclose(float(saved["scale_factor"]), expected, rtol=2e-6)
     checkpointer.close()
 
@@ -480,7 +480,7 @@ def test_celebahq_without_data_or_first_stage_says_how_to_fix_both(tmp_path):
     )
     assert result.returncode != 0
     err = result.stderr
-    assert "FileNotFoundError" in err
+    assert "Traceback" not in err and "two things are missing" in err
     assert "config.data.path" in err  # an image folder ...
     assert "celeb_a_hq" in err and "manual_dir" in err  # ... or tfds with its manual dir
     assert str(workdir / "autoencoder" / "checkpoints") in err  # and the missing first stage
@@ -536,12 +536,12 @@ def write_config_file(path, config: ConfigDict) -> str:
 
 @pytest.fixture(scope="module")
 def ema_only_workdir(runs, tmp_path_factory):
-    """A copy of the ``straight`` run whose latest checkpoint has NaN raw params (its EMA params intact)."""
+    """A copy of the ``straight`` run whose latest checkpoint has zeroed raw params (its EMA params intact)."""
     checkpointer = Checkpointer(os.path.join(runs["workdirs"]["straight"], "diffusion", "checkpoints"))
     meta = checkpointer.restore_meta(4)
     checkpointer.close()
     state = runs["states"]["straight"]
-    state = state.replace(params=jax.tree.map(lambda x: np.full_like(x, np.nan), state.params))
+    state = state.replace(params=jax.tree.map(np.zeros_like, state.params))
     workdir = str(tmp_path_factory.mktemp("ema_only") / "run")
     out = Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"))
     out.save(4, state, meta)
@@ -549,11 +549,12 @@ def ema_only_workdir(runs, tmp_path_factory):
     return workdir
 
 
-def run_sample_py(config_file: str, workdir: str, outdir: str, *extra: str) -> subprocess.CompletedProcess:
+def run_sample_py(config_file: str | None, workdir: str, outdir: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device, as a user runs it
+    config = [f"--config={config_file}"] if config_file else []  # None: the config saved with the run
     result = subprocess.run(
-        [sys.executable, "sample.py", f"--config={config_file}", f"--workdir={workdir}", f"--outdir={outdir}",
+        [sys.executable, "sample.py", *config, f"--workdir={workdir}", f"--outdir={outdir}",
          "--num_samples=6", "--batch_size=6", f"--steps={SAMPLE_STEPS}", "--guidance_scale=2.0", "--seed=3",
          *extra],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
@@ -574,7 +575,7 @@ def test_sample_py_end_to_end_with_ema_params(runs, fs_workdir, ema_only_workdir
     pngs = sorted(os.listdir(outdir / "images"))
     assert len(pngs) == 6 and pngs[0] == "000000_class0.png"
     assert (outdir / "samples_grid.png").exists()
-    # the raw params are NaN, so these images can only come from the EMA params: compare with them here
+    # the raw params are zero, so these images can only come from the EMA params: compare with them here
     state = runs["states"]["straight"]
     expected = run_trainer.ldm.generate(state.ema_params, first_stage[1], state.scale_factor,
                                         jax.random.PRNGKey(3), num=6, latent_shape=LATENT_SHAPE, labels=labels,
@@ -583,12 +584,79 @@ def test_sample_py_end_to_end_with_ema_params(runs, fs_workdir, ema_only_workdir
     assert np.abs(images.astype(np.float64) - expected).max() <= 1
 
 
-def test_sample_py_larger_size_from_an_8_device_run(runs, fs_workdir, tmp_path):
-    """2x the training size gives 2x images; the run was trained (and saved) on 8 devices, sample.py has one."""
-    config_file = write_config_file(tmp_path / "tiny_ldm.py", tiny_config(fs_workdir))
+def test_sample_py_larger_size_from_an_8_device_run_without_config(runs, tmp_path):
+    """2x the training size gives 2x images; the run was trained (and saved) on 8 devices, sample.py has one;
+    no --config: the model is rebuilt from the config saved with the checkpoint."""
     outdir = tmp_path / "big"
-    run_sample_py(config_file, runs["workdirs"]["straight"], str(outdir), f"--height={2 * RES}",
-                  f"--width={2 * RES}")
+    run_sample_py(None, runs["workdirs"]["straight"], str(outdir), f"--height={2 * RES}", f"--width={2 * RES}")
     with np.load(outdir / "samples.npz") as data:
         assert data["images"].shape == (6, 2 * RES, 2 * RES, 3)
         assert data["images"].std() > 0
+        assert str(data["sampler"]) == "ddim" and int(data["steps"]) == SAMPLE_STEPS and int(data["step"]) == 4
+
+
+# ------------------------------------------------------------------------------------------ in-training FID
+
+
+def eval_config(**overrides) -> ConfigDict:
+    cfg = base.diffusion_stage(base.unet_model(), batch_size=BATCH, learning_rate=1e-3).eval
+    cfg.update(dict(every=2, num_samples=4, batch_size=4, steps=SAMPLE_STEPS, allow_random_inception=True))
+    cfg.update(overrides)
+    return cfg
+
+
+def test_in_training_fid_scores_the_ema_samples(runs, run_trainer, first_stage, tmp_path):
+    from lidiff.eval.features import fid_of_images
+    from lidiff.metrics.fid import FeatureStats, load_stats, save_stats
+    from lidiff.models.inception import random_inception_variables
+    from lidiff.train.evaluator import generate_for_eval, make_fid_evaluator
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(64, 2048))
+    save_stats(str(tmp_path / "ref.npz"), FeatureStats(features.mean(0), np.cov(features, rowvar=False), 64))
+    cfg = eval_config(reference_stats=str(tmp_path / "ref.npz"))
+    generate = generate_for_eval(run_trainer, first_stage[1], LATENT_SHAPE, cfg, CLASSES)
+    evaluate = make_fid_evaluator(cfg, generate)
+    state = runs["states"]["straight"]
+    scalars = evaluate(state, 4)
+    assert set(scalars) == {"eval/fid_random_inception", "eval/num_samples", "eval/seconds"}  # never "eval/fid"
+    assert scalars["eval/num_samples"] == 4 and scalars["eval/seconds"] > 0
+    images = generate(state, 4, 4)
+    assert images.shape == (4, RES, RES, 3) and images.dtype == np.uint8
+    expected = fid_of_images(images, load_stats(str(tmp_path / "ref.npz")), random_inception_variables(0),
+                             batch_size=4)
+    assert np.isfinite(expected) and scalars["eval/fid_random_inception"] == pytest.approx(expected, rel=1e-6)
+    zeroed = state.replace(ema_params=jax.tree.map(np.zeros_like, state.ema_params))
+    assert np.abs(generate(zeroed, 4, 4).astype(int) - images).max() > 10  # the samples come from the EMA params
+
+
+def test_in_training_fid_refuses_missing_inputs_before_training(tmp_path):
+    from lidiff.errors import MissingInputError
+    from lidiff.train.evaluator import make_fid_evaluator
+
+    assert make_fid_evaluator(eval_config(every=0), None) is None  # off by default: nothing is checked
+    with pytest.raises(MissingInputError, match=r"config\.diffusion\.eval\.reference_stats=.*--save_stats"):
+        make_fid_evaluator(eval_config(reference_stats=str(tmp_path / "none.npz")), None)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(MissingInputError, match=r"(?s)config\.diffusion\.eval\.inception_weights.*lidiff\.convert"):
+        make_fid_evaluator(eval_config(reference_stats=str(tmp_path / "ref.npz"), allow_random_inception=False),
+                           None)
+
+
+def test_eval_command_samples_a_run_directory(runs, fs_workdir, tmp_path, capsys):
+    """``python -m lidiff.eval --samples <run dir>``: N EMA samples through lidiff.runs, scored against the run's
+    own data config (random Inception, labelled), with the sampler settings and checkpoint step recorded."""
+    from lidiff.eval.__main__ import run
+
+    config_file = write_config_file(tmp_path / "tiny_ldm.py", tiny_config(fs_workdir))
+    result = run(["--samples", runs["workdirs"]["straight"], "--num_samples", "4", "--sample_batch_size", "4",
+                  "--steps", str(SAMPLE_STEPS), "--guidance_scale", "2", "--reference", config_file,
+                  "--num_reference", "8", "--batch_size", "4", "--allow_random_inception", "--no_progress",
+                  "--max_pr_features", "8", "--kid_subset_size", "4", "--kid_subsets", "2"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert np.isfinite(result["fid"]) and result["random_inception"] is True
+    assert result["num_samples"] == 4 and result["num_reference"] == 8
+    samples = result["samples"]
+    assert samples["kind"] == "run directory (sampled)" and samples["checkpoint_step"] == 4
+    assert samples["sampler_settings"]["steps"] == SAMPLE_STEPS and samples["sampler_settings"]["guidance_scale"] == 2
+    assert printed and all("random" in line.lower() for line in printed)
