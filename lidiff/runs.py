@@ -58,6 +58,28 @@ def saved_config(workdir: str, stage: str = DIFFUSION, step: int | None = None) 
     return ConfigDict(json.loads(meta["config"]))
 
 
+def load_autoencoder(workdir: str, step: int | None = None, use_ema: bool = True):
+    """A trained first stage from ``<workdir>/autoencoder`` -> ``(FirstStage, params, step)``.
+
+    The architecture is the one saved with the checkpoint; params are the EMA ones when the run kept an EMA and
+    ``use_ema``. Only ``params``, ``ema_params`` and ``step`` are read.
+    """
+    from lidiff.train import builders
+    from lidiff.train.first_stage import FirstStage
+
+    if not has_stage(workdir, AUTOENCODER):
+        raise MissingInputError(f"{workdir}: no autoencoder checkpoint in {checkpoint_dir(workdir, AUTOENCODER)}; "
+                                "train stage 1 first (a config whose stages include 'autoencoder')")
+    checkpointer = Checkpointer(checkpoint_dir(workdir, AUTOENCODER), create=False)
+    try:
+        items, meta, restored = checkpointer.restore_items(step=step, names=("step", "params", "ema_params"))
+    finally:
+        checkpointer.close()
+    model_cfg = ConfigDict(meta["model"])
+    params = items["ema_params"] if use_ema and items.get("ema_params") else items["params"]["autoencoder"]
+    return FirstStage(model=builders.build_autoencoder(model_cfg, jnp.float32), kind=model_cfg.kind), params, restored
+
+
 @dataclasses.dataclass
 class LoadedLDM:
     """A trained stage-2 model ready to sample: ``trainer.ldm.generate(params, first_stage_params, scale_factor,

@@ -21,7 +21,12 @@ DEFAULT_WEIGHTS = "inception_fid.safetensors"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lidiff.eval", description=__doc__.split("\n\n")[1])
-    p.add_argument("--samples", required=True, help="image folder | samples .npz | stats .npz | ADM .npz")
+    p.add_argument("--samples", default=None,
+                   help="run directory | image folder | samples .npz | stats .npz | ADM .npz | dataset config")
+    p.add_argument("--autoencoder", default=None,
+                   help="instead of --samples: a run directory whose first stage is scored (PSNR, SSIM, LPIPS, "
+                        "rFID, codebook use) on the images of --reference, a dataset config of the validation split")
+    p.add_argument("--lpips_weights", default=None, help="with --autoencoder: converted LPIPS weights (optional)")
     p.add_argument("--reference", default=None,
                    help="as --samples, or a dataset config configs/x.py[:arg]; omit it to only --save_stats")
     p.add_argument("--out", default=None, help="write the result JSON here")
@@ -82,7 +87,11 @@ def run(argv: Sequence[str] | None = None, mesh=None) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalInputError(f"--{name} must be at least 1, got {value}")
+    if (args.samples is None) == (args.autoencoder is None):
+        raise EvalInputError("give --samples (score generated images) or --autoencoder (score a first stage)")
     variables, weights, random = _variables(args)
+    if args.autoencoder is not None:
+        return _run_autoencoder(args, variables, weights, random, mesh)
     settings = Settings(
         variables=variables, weights=weights, random_inception=random, num_samples=args.num_samples,
         num_reference=args.num_reference, batch_size=args.batch_size, mesh=mesh,
@@ -101,6 +110,33 @@ def run(argv: Sequence[str] | None = None, mesh=None) -> dict:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
     print("\n".join(format_table(result, [f"wrote {args.out}"] if args.out else [])))  # the command's output
+    return result
+
+
+def _run_autoencoder(args, variables, weights: str, random: bool, mesh) -> dict:
+    from lidiff.eval.autoencoder import evaluate_autoencoder
+
+    if not args.reference:
+        raise EvalInputError("--autoencoder needs --reference configs/x.py: the validation images to reconstruct")
+    result = evaluate_autoencoder(args.autoencoder, args.reference, num_images=args.num_reference,
+                                  batch_size=args.batch_size, seed=args.seed, variables=variables(), mesh=mesh,
+                                  lpips_weights=args.lpips_weights, progress=not args.no_progress)
+    result.update(inception_weights=weights, random_inception=random)
+    label = "[RANDOM INCEPTION - rFID not a real score] " if random else ""
+    lines = [f"autoencoder {args.autoencoder} ({result['kind']}, step {result['checkpoint_step']}) on "
+             f"{result['num_images']} images of {args.reference}",
+             f"PSNR {result['psnr']:.3f} dB | SSIM {result['ssim']:.4f}"
+             + (f" | LPIPS {result['lpips']:.4f}" if "lpips" in result else "")
+             + (f" | {label}rFID {result['rfid']:.3f}" if "rfid" in result else "")]
+    if "codebook" in result:
+        cb = result["codebook"]
+        lines.append(f"codebook: perplexity {cb['perplexity']:.2f}, usage {cb['usage']:.3f} ({cb['num_used']} codes)")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        lines.append(f"wrote {args.out}")
+    print("\n".join((label + line) if random and not line.startswith(label) else line for line in lines))
     return result
 
 

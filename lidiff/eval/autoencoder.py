@@ -73,3 +73,53 @@ def autoencoder_metrics(
     if counts is not None:
         out["codebook"] = codebook_usage(counts)
     return out
+
+
+def evaluate_autoencoder(workdir: str, reference: str, *, num_images: int | None, batch_size: int, seed: int,
+                         variables: Any | None, lpips_weights: str | None, mesh: Any = None,
+                         progress: bool = True) -> dict[str, Any]:
+    """The Tab. 8 columns of the first stage in run directory ``workdir`` over the images of the dataset config
+    ``reference`` (``configs/x.py[:arg]``; point its data at the validation split, e.g. with a config whose
+    ``data.split`` or ``data.path`` names it), through lidiff's data pipeline. ``variables``: Inception
+    variables for rFID (None: no rFID). ``lpips_weights``: converted LPIPS file (None: no LPIPS).
+    """
+    import functools
+
+    import jax
+
+    from lidiff.convert.lpips_weights import load_lpips_params
+    from lidiff.eval.errors import EvalInputError
+    from lidiff.eval.sources import DatasetImages
+    from lidiff.models.lpips import LPIPS
+    from lidiff.runs import load_autoencoder
+
+    first_stage, params, step = load_autoencoder(workdir)
+    model = first_stage.model
+    if not reference.partition(":")[0].endswith(".py"):
+        raise EvalInputError(f"--reference={reference}: the autoencoder is evaluated on a dataset config "
+                             "(configs/x.py) whose data is the validation split")
+    data = DatasetImages(reference, num_images, seed)
+
+    if first_stage.kind == "vq":
+        def apply(p, x):
+            x_rec, q = model.apply({"params": p}, x)
+            return x_rec, q.indices
+    else:
+        def apply(p, x):
+            return model.apply({"params": p}, x, sample_posterior=False)[0], None
+    apply = jax.jit(apply)
+    lpips = None
+    if lpips_weights:
+        try:
+            lpips_params = load_lpips_params(lpips_weights)
+        except FileNotFoundError as e:
+            raise EvalInputError(str(e)) from None
+        lpips = jax.jit(functools.partial(LPIPS().apply, {"params": lpips_params}))
+    extractor = None if variables is None else InceptionExtractor(variables, mesh, batch_size)
+    from lidiff.data.transforms import to_float
+
+    batches = (to_float(images) for images in data.batches(batch_size))
+    out = autoencoder_metrics(lambda x: apply(params, x), batches, lpips=lpips, extractor=extractor,
+                              num_codes=model.n_embed if first_stage.kind == "vq" else None, progress=progress)
+    return {"autoencoder": workdir, "kind": first_stage.kind, "checkpoint_step": step, "reference": data.describe(),
+            **out}

@@ -660,3 +660,19 @@ def test_eval_command_samples_a_run_directory(runs, fs_workdir, tmp_path, capsys
     assert samples["kind"] == "run directory (sampled)" and samples["checkpoint_step"] == 4
     assert samples["sampler_settings"]["steps"] == SAMPLE_STEPS and samples["sampler_settings"]["guidance_scale"] == 2
     assert printed and all("random" in line.lower() for line in printed)
+
+
+def test_eval_command_scores_a_first_stage(fs_workdir, tmp_path, capsys):
+    """``python -m lidiff.eval --autoencoder <run dir> --reference <config>``: the paper's Tab. 8 columns of the
+    first stage over the config's images (random Inception for rFID, labelled)."""
+    from lidiff.eval.__main__ import run
+
+    config_file = write_config_file(tmp_path / "tiny_ldm.py", tiny_config(fs_workdir))
+    result = run(["--autoencoder", fs_workdir, "--reference", config_file, "--num_reference", "4", "--batch_size",
+                  "4", "--allow_random_inception", "--no_progress", "--out", str(tmp_path / "ae.json")])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert result["kind"] == "kl" and result["checkpoint_step"] == 1 and result["num_images"] == 4
+    assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1 and np.isfinite(result["rfid"])
+    assert all("RANDOM INCEPTION" in line for line in printed)
+    with open(tmp_path / "ae.json") as f:
+        assert json.load(f)["psnr"] == pytest.approx(result["psnr"])
