@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import digits_kl
@@ -164,3 +165,16 @@ def test_train_py_folder_of_corrupt_images_is_refused_before_compiling(tmp_path)
 def test_sample_py_without_a_stage_two_checkpoint(tmp_path):
     result = run_command("sample.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}")
     assert_refused(result, f"--workdir={tmp_path}: no stage-2 (diffusion) checkpoint", "train stage 2 first")
+
+
+def test_eval_command_missing_inception_weights(tmp_path):
+    np_path = tmp_path / "samples.npz"
+    np.savez(np_path, images=np.zeros((4, 8, 8, 3), np.uint8))
+    result = run_command("-m", "lidiff.eval", "--samples", str(np_path), "--reference", str(np_path),
+                         "--inception_weights", str(tmp_path / "missing.safetensors"))
+    assert_refused(result, "FID Inception weights not found", "python -m lidiff.convert.inception_weights")
+
+
+def test_eval_command_without_inputs(tmp_path):
+    result = run_command("-m", "lidiff.eval", "--allow_random_inception")
+    assert_refused(result, "give --samples (score generated images) or --autoencoder (score a first stage)")

@@ -151,7 +151,6 @@ def _batch_keys(batch: dict, conditional: bool) -> tuple[str, ...]:
 def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, workdir: str, mesh) -> str:
     """Builds the latent cache once (if missing) and returns its path."""
     from lidiff.data.latents import build_latent_cache
-    from lidiff.data.sources import make_source  # noqa: F401  (make_loader builds the source)
 
     c = config.diffusion.latent_cache
     path = c.path or os.path.join(workdir, STAGE, "latents.npz")
