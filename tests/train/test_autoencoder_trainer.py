@@ -355,6 +355,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
                 assert im.mode == "RGB" and im.size[1] == RES + 4  # one row of 8 tiles, padding 2
 
 
+def test_a_finished_stage_is_skipped_without_compiling(tmp_path, cache_dir, monkeypatch):
+    config = tiny_config("kl", KL_DISC_START, num_steps=2, checkpoint_every=2)
+    workdir = str(tmp_path)
+    done = train(config, workdir, cache_dir)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("a finished stage compiled its step")
+
+    monkeypatch.setattr(ae_train, "compile_step", no_compiling)
+    again = train(config, workdir, cache_dir)
+    assert int(again.step) == 2 and checkpoint_steps(workdir) == [2]
+    assert_trees_close(host(again), host(done), "the finished run's state")
+    assert [r["step"] for r in read_metrics(os.path.join(workdir, "autoencoder"))] == [1, 2]  # nothing re-logged
+
+
 class NaNFrom:
     """Wraps a DataLoader so that every batch from ``first_bad`` on is NaN (a broken input pipeline)."""
 
