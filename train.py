@@ -9,7 +9,8 @@ import os
 import re
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from lidiff import cli, parallel
@@ -91,6 +92,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed()
+    if jax.process_index() > 0:  # one console: process 0 logs progress, the others only warnings and errors
+        logging.set_verbosity(logging.WARNING)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -17,8 +17,8 @@ Sampling: ``LatentDiffusion.generate`` with the EMA params and a randomly initia
 architecture (float32, as ``load_first_stage`` builds it; the UNet runs in ``--dtype``), for each entry of
 ``--samplers`` (``name:steps``; DDIM/PLMS step counts must divide T). The first call compiles; the next
 ``--sample_repeats`` calls are timed (median); images/s counts decoded images, image-steps/s = steps x images / s
-(with guidance != 1 each image-step runs the UNet on two rows). ``generate`` does not split the batch over
-devices (with replicated params every device computes the whole batch), so sampling measures one device.
+(with guidance != 1 each image-step runs the UNet on two rows). ``generate`` splits each sampling batch over all
+local devices (compare ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` with 1 on a CPU).
 
 ``--small`` shrinks data (64 px, latents 16x16x3), first stage (ch 64) and UNet (64 ch, mult 1,2,2, one res
 block, attention at 8x8 and 4x4) unless a ``--config.*`` override names the same field; any config field can be

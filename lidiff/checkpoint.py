@@ -129,6 +129,24 @@ def _is_no_space(error: BaseException) -> bool:
     return False
 
 
+# What reading a damaged step raises (orbax/tensorstore over truncated or missing files and metadata). Anything
+# else is not evidence of damage and is re-raised instead of setting a checkpoint aside.
+_DAMAGE_SIGNS = ("_METADATA", "Metadata file", "OCDBT", "Error reading", "Error opening", "DATA_LOSS",
+                 "OUT_OF_RANGE", "not valid for value of size", "truncated", "Expecting value", "JSONDecodeError",
+                 "Unterminated string", "No such file or directory", "does not exist")
+
+
+def _looks_damaged(error: BaseException) -> bool:
+    """Whether a failed restore looks like damaged files (rather than a bug or a wrong target)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FileNotFoundError) or any(sign in str(error) for sign in _DAMAGE_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -168,8 +186,12 @@ class Checkpointer:
                 item_dir = os.path.join(self.directory, str(step), name)
                 if not os.path.isfile(os.path.join(item_dir, "_METADATA")):
                     raise FileNotFoundError(f"{name}/_METADATA is missing (an incomplete or damaged step)")
-                use_saved = targets is None or name == SCALARS  # scalars: read as saved, placed below
-                target = saved_structure(item_dir) if use_saved else abstract_like(targets[name])
+                if name == SCALARS:  # onto the targets' shardings when all are given, else as saved
+                    whole = targets is not None and all(n in targets for n in scalars)
+                    target = ({n: abstract_like(targets[n]) for n in scalars} if whole
+                              else saved_structure(item_dir))
+                else:
+                    target = saved_structure(item_dir) if targets is None else abstract_like(targets[name])
                 args[name] = ocp.args.StandardRestore(target)
         restored = self._manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
         items = {}
@@ -177,13 +199,7 @@ class Checkpointer:
             if name in trees:
                 items[name] = restored[name]
             elif name in scalars:
-                value = restored[SCALARS][name]
-                target = None if targets is None else targets[name]
-                if target is not None:
-                    value = jnp.asarray(value, target.dtype)
-                    if getattr(target, "sharding", None) is not None:
-                        value = jax.device_put(value, target.sharding)
-                items[name] = value
+                items[name] = restored[SCALARS][name]
             elif targets is None:
                 items[name] = {}  # not saved: it was empty (e.g. EMA switched off)
             elif _is_empty(targets[name]):
@@ -219,8 +235,13 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int, reason: str) -> str:
-        """Renames the damaged ``<step>`` directory out of the way (never deletes it); returns the new path."""
+        """Renames the damaged ``<step>`` directory out of the way (never deletes it); returns the new path.
+        In a multi-process run process 0 renames it; every process skips it."""
         source = os.path.join(self.directory, str(step))
+        if jax.process_index() != 0:
+            logging.warning("checkpoint step %d in %s cannot be restored (%s); skipped", step, self.directory,
+                            reason)
+            return source
         n = 0
         while os.path.exists(f"{source}.unreadable-{n}"):
             n += 1
@@ -251,13 +272,15 @@ class Checkpointer:
         for candidate in reversed(self.all_steps()):
             try:
                 items, meta = self._restore_step(candidate, targets, names)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - damage is set aside, anything else re-raised below
                 mismatch = self._mismatch(candidate, targets) if targets is not None else None
                 if mismatch:
                     raise ConfigError(
                         f"checkpoint step {candidate} in {self.directory} does not fit the model this config "
                         f"builds ({mismatch}). Use the config the run was trained with, or a new --workdir."
                     ) from None
+                if not _looks_damaged(e):
+                    raise
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 set_aside.append(f"step {candidate} ({reason})")
                 self._set_aside(candidate, reason)

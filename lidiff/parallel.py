@@ -24,15 +24,36 @@ def initialize_distributed() -> None:
     """Starts JAX's distributed runtime when the environment describes a multi-process job.
 
     On TPU pods and SLURM/Kubernetes GPU clusters JAX finds the coordinator by itself; elsewhere set
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Single-process runs do nothing.
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (each
+    process its own, 0 .. N-1), which are passed on explicitly (JAX itself reads only the first). On CPU the
+    processes talk through gloo collectives. Single-process runs do nothing.
     """
     import os
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS") or os.environ.get(
-        "TPU_WORKER_HOSTNAMES"
-    ):
-        jax.distributed.initialize()
-        logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    env = os.environ
+    if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS") or env.get("TPU_WORKER_HOSTNAMES")):
+        return
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        names = ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+        given = {name: env.get(name) for name in names}
+        if any(v is not None for v in given.values()) or not (env.get("SLURM_NTASKS") or
+                                                              env.get("TPU_WORKER_HOSTNAMES")):
+            try:
+                kwargs = {"num_processes": int(given["JAX_NUM_PROCESSES"]), "process_id": int(given["JAX_PROCESS_ID"])}
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} starts a multi-process run, which "
+                    f"also needs JAX_NUM_PROCESSES (the number of processes) and JAX_PROCESS_ID (0 .. N-1, one per "
+                    f"process) as integers; got {given}"
+                ) from None
+            if not 0 <= kwargs["process_id"] < kwargs["num_processes"]:
+                raise ConfigError(f"JAX_PROCESS_ID={kwargs['process_id']} must lie in [0, JAX_NUM_PROCESSES="
+                                  f"{kwargs['num_processes']})")
+    if jax.config.jax_platforms == "cpu" or env.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -2,23 +2,25 @@
 
 Every scalar goes to ``<logdir>/metrics.jsonl`` (one JSON object per step, easy to read back) and to a
 TensorBoard event file; every image grid to ``<logdir>/images/<name>_<step>.png`` and to TensorBoard.
-Event files are written here in TensorBoard's record format (TensorBoard's protos, no TensorFlow, which
-TensorBoard's own writer would import). Only process 0 writes.
+Event files are written with TensorBoard's protos and record writer, without importing TensorFlow.
+Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import socket
-import struct
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
 from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -48,47 +50,32 @@ def save_png(path: str, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 class EventFile:
-    """Appends TensorBoard ``Event`` protos to ``<logdir>/events.out.tfevents.<time>.<host>`` (TFRecord framing)."""
+    """Appends TensorBoard ``Event`` protos to a new ``<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>``.
+
+    Records are framed (length, masked CRC32C) by TensorBoard's own ``RecordWriter``. TensorBoard's
+    ``EventFileWriter`` is not used: it opens files through ``tensorboard.compat.tf``, which imports TensorFlow
+    whenever TensorFlow is installed (it is, for the tfds extra), and it writes from a background thread.
+    Every ``add`` is flushed, so a reader sees each event as soon as it is written.
+    """
+
+    _count = itertools.count()
 
     def __init__(self, logdir: str):
-        from tensorboard.compat.proto import event_pb2
-
-        self._event_pb2 = event_pb2
-        path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self._file = open(path, "ab")
+        name = "events.out.tfevents.%010d.%s.%d.%d" % (time.time(), socket.gethostname(), os.getpid(),
+                                                       next(EventFile._count))
+        self.path = os.path.join(logdir, name)
+        self._records = RecordWriter(open(self.path, "xb"))
         self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
-    def add(self, event) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data
-                         + struct.pack("<I", _masked_crc32c(data)))
-        self._file.flush()
+    def add(self, event: event_pb2.Event) -> None:
+        """Writes one ``Event`` and flushes it to the operating system."""
+        self._records.write(event.SerializeToString())
+        self._records.flush()
 
     def close(self) -> None:
-        self._file.close()
+        """Closes the file; later ``add`` calls raise ``ValueError``."""
+        self._records.close()
 
 
 class MetricWriter:
@@ -97,57 +84,49 @@ class MetricWriter:
     def __init__(self, logdir: str):
         self.logdir = logdir
         self._active = jax.process_index() == 0
-        self._tb = None
         if not self._active:
             return
         os.makedirs(logdir, exist_ok=True)
         self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
-        try:
-            self._tb = EventFile(logdir)
-        except ImportError:  # TensorBoard is optional; metrics.jsonl always has the numbers.
-            self._tb = None
+        self._tb = EventFile(logdir)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Appends ``{"step": step, **scalars}`` to metrics.jsonl and one scalar summary per name to TensorBoard."""
         if not self._active:
             return
         values = {k: float(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-
-            summary = summary_pb2.Summary(
-                value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
-            )
-            self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+        )
+        self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """images: {name: uint8 [H, W, 3] picture (e.g. from ``image_grid``)}."""
+        """images: {name: uint8 [H, W, 3] picture (e.g. from ``image_grid``)}, saved as
+        ``images/<name>_<step:08d>.png`` and as one TensorBoard image summary per name."""
         if not self._active:
             return
+        values = []
         for name, image in images.items():
+            image = np.asarray(image, np.uint8)
             save_png(os.path.join(self.logdir, "images", f"{name}_{int(step):08d}.png"), image)
-        if self._tb is not None:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-
-            values = []
-            for name, image in images.items():
-                buf = io.BytesIO()
-                Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
-                h, w = image.shape[:2]
-                values.append(
-                    summary_pb2.Summary.Value(
-                        tag=name,
-                        image=summary_pb2.Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()),
-                    )
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            h, w = image.shape[:2]
+            values.append(
+                summary_pb2.Summary.Value(
+                    tag=name,
+                    image=summary_pb2.Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue()),
                 )
-            self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+            )
+        self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
 
     def close(self) -> None:
+        """Closes metrics.jsonl and the event file (process 0; a no-op elsewhere)."""
         if self._active:
             self._jsonl.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._tb.close()
 
 
 def read_metrics(logdir: str) -> list[dict]:

@@ -18,6 +18,8 @@ Computation, for x, y: [B, H, W, 3] in [-1, 1]:
   3. per tap: unit-normalise along channels (f / (||f||_2 + 1e-10)), squared difference, 1x1 conv to one
      channel without bias (``lin{k}``), mean over H and W;
   4. sum over the five taps -> [B].
+Steps 1, 2 and the normalisation of 3 depend on one image only: ``LPIPS.features`` computes them, so a fixed x can
+be featurised once and compared with many y through ``LPIPS.distance``.
 """
 
 from __future__ import annotations
@@ -98,13 +100,41 @@ class VGG16Features(nn.Module):
 class LPIPS(nn.Module):
     """Learned perceptual distance with VGG16 features and v0.1 linear heads.
 
+    ``LPIPS(x, y) == distance(features(x), y)``: when one side of the distance is fixed across several calls (the
+    real images of a train step, whose loss and adaptive-weight gradient both need it), compute ``features`` once
+    and call ``distance`` with them, e.g.
+    ``feats = lpips.apply(v, x, method=LPIPS.features); d = lpips.apply(v, feats, y, method=LPIPS.distance)``.
+
     Attributes:
       dtype: compute dtype of the VGG trunk. Normalisation, heads and the result are float32.
     """
 
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.vgg = VGG16Features(dtype=self.dtype)
+        for k in range(len(LPIPS_CHANNELS)):  # attribute names are the param names lin0..lin4
+            setattr(self, f"lin{k}", nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32))
+
+    def features(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [B, H, W, 3] float in [-1, 1] (H, W >= 16) -> the five taps, each unit-normalised along channels:
+        shapes [B, H/2**k, W/2**k, C_k] for k = 0..4 (floor division), C_k = LPIPS_CHANNELS, float32."""
+        taps = self.vgg(scale_input(x.astype(jnp.float32)))
+        return tuple(normalize_channels(t) for t in taps)
+
+    def distance(self, feats_x: tuple[jax.Array, ...], y: jax.Array) -> jax.Array:
+        """feats_x: ``features(x)`` of images x; y: [B, H, W, 3] float in [-1, 1] of x's shape -> LPIPS(x, y)
+        [B] float32 (gradients flow to y, and to ``feats_x`` unless the caller stops them)."""
+        feats_y = self.features(y)
+        want = tuple(f.shape for f in feats_y)
+        if tuple(f.shape for f in feats_x) != want:
+            raise ValueError(f"LPIPS features of x have shapes {[f.shape for f in feats_x]}, y's are {list(want)}")
+        total = jnp.zeros((y.shape[0],), jnp.float32)
+        for k, (fx, fy) in enumerate(zip(feats_x, feats_y)):
+            d = getattr(self, f"lin{k}")(jnp.square(fx - fy))
+            total = total + jnp.mean(d, axis=(1, 2, 3))
+        return total
+
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """x, y: [B, H, W, 3] float in [-1, 1] (H, W >= 16) -> distance [B] float32, >= 0 for the released
         (non-negative) heads and 0 (up to float rounding) when x == y."""
@@ -112,15 +142,7 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
         # Two calls of one trunk (shared params). The distance of identical images is 0 up to float rounding:
         # XLA may schedule the two branches differently (measured: ~3e-16 under jit on CPU, exactly 0 eagerly).
-        vgg = VGG16Features(dtype=self.dtype, name="vgg")
-        taps_x = vgg(scale_input(x.astype(jnp.float32)))
-        taps_y = vgg(scale_input(y.astype(jnp.float32)))
-        total = jnp.zeros((x.shape[0],), jnp.float32)
-        for k, (tx, ty) in enumerate(zip(taps_x, taps_y)):
-            diff = jnp.square(normalize_channels(tx) - normalize_channels(ty))
-            d = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, name=f"lin{k}")(diff)
-            total = total + jnp.mean(d, axis=(1, 2, 3))
-        return total
+        return self.distance(self.features(x), y)
 
 
 def lpips_param_shapes(image_size: int = 32) -> dict:

@@ -149,12 +149,25 @@ class AutoencoderTrainer:
         kl = jnp.mean(posterior.kl())
         return h, self.cfg.loss.kl_weight * kl, {"kl_loss": kl}, None
 
-    def _nll(self, x, x_rec, logvar, lpips_params):
+    def _lpips_features(self, x, lpips_params):
+        """LPIPS features of the real images, once per step, or None without the perceptual loss.
+
+        x: [B, R, R, 3] float32 in [-1, 1] -> ``LPIPS.features(x)`` (five unit-normalised taps
+        [B, R/2**k, R/2**k, C_k] float32) under ``stop_gradient``: x is data, so no gradient reaches them anyway.
+        """
+        if self.cfg.loss.perceptual_weight <= 0:
+            return None
+        feats = self.lpips.apply({"params": lpips_params}, x, method="features")
+        return jax.lax.stop_gradient(feats)
+
+    def _nll(self, x, x_rec, logvar, lpips_params, x_feats):
+        """-> (nll [] float32, metrics). x, x_rec: [B, R, R, 3] in [-1, 1]; x_feats: ``_lpips_features(x)``
+        (LPIPS(x, x_rec) is computed from them, so x's VGG features are not recomputed)."""
         loss = self.cfg.loss
         rec = ae_losses.reconstruction_loss(x, x_rec, loss.reconstruction)
         metrics = {"rec_loss": jnp.mean(rec)}
         if loss.perceptual_weight > 0:
-            p = self.lpips.apply({"params": lpips_params}, x, x_rec)
+            p = self.lpips.apply({"params": lpips_params}, x_feats, x_rec, method="distance")
             rec = ae_losses.add_perceptual(rec, p, loss.perceptual_weight)
             metrics["perceptual_loss"] = jnp.mean(p)
         if self.is_vq:
@@ -167,6 +180,7 @@ class AutoencoderTrainer:
         """One generator + discriminator update. batch["image"]: [B, R, R, 3] float32 in [-1, 1]."""
         loss_cfg = self.cfg.loss
         x = batch["image"]
+        x_feats = self._lpips_features(x, lpips_params)  # shared by the loss and the adaptive-weight gradient
         rng = jax.random.fold_in(self.seed_key, state.step)
         k_fwd, k_restart = jax.random.split(rng)
         disc_factor = ae_losses.adopt_weight(loss_cfg.disc_factor, state.step, loss_cfg.disc_start)
@@ -181,11 +195,15 @@ class AutoencoderTrainer:
             rec_of = lambda kernel, feats: conv_out_apply(  # noqa: E731
                 {"kernel": kernel, "bias": conv_out["bias"]}, feats, self.dtype)
             x_rec = rec_of(conv_out["kernel"], h)
-            nll, nll_metrics = self._nll(x, x_rec, params["logvar"], lpips_params)
+            nll, nll_metrics = self._nll(x, x_rec, params["logvar"], lpips_params, x_feats)
 
             def weight_and_g():
                 kernel, feats = jax.lax.stop_gradient(conv_out["kernel"]), jax.lax.stop_gradient(h)
-                nll_grad = jax.grad(lambda k: self._nll(x, rec_of(k, feats), params["logvar"], lpips_params)[0])(kernel)
+
+                def nll_of(k):
+                    return self._nll(x, rec_of(k, feats), params["logvar"], lpips_params, x_feats)[0]
+
+                nll_grad = jax.grad(nll_of)(kernel)
                 g_grad = jax.grad(lambda k: g_of_rec(rec_of(k, feats)))(kernel)
                 return ae_losses.adaptive_weight(nll_grad, g_grad, loss_cfg.disc_weight), g_of_rec(x_rec)
 

@@ -195,3 +195,29 @@ def test_converter_without_torch_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install torch==2\.13\.0"):
         lpips_weights.main(["--vgg", "a.pth", "--lin", "b.pth", "--out", str(tmp_path / "o.safetensors")])
+
+
+def test_distance_from_precomputed_features_equals_lpips(converted):
+    """LPIPS(x, y) == distance(features(x), y), features(x) computed once and reused for several y."""
+    _, params = converted
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    feats = jax.jit(lambda p, a: LPIPS().apply({"params": p}, a, method=LPIPS.features))(params, x)
+    assert [f.shape for f in feats] == [(2, 32 >> k, 32 >> k, c) for k, c in enumerate(LPIPS_CHANNELS)]
+    assert all(f.dtype == jnp.float32 for f in feats)
+    for f in feats:  # unit-normalised along channels wherever a position is not all zero
+        norms = np.linalg.norm(np.asarray(f), axis=-1)
+        np.testing.assert_allclose(norms[norms > 0], 1.0, atol=1e-5)
+    distance = jax.jit(lambda p, fx, b: LPIPS().apply({"params": p}, fx, b, method=LPIPS.distance))
+    for scale in (0.05, 0.5):
+        y = jnp.clip(x + scale * jnp.asarray(rng.normal(size=x.shape), jnp.float32), -1, 1)
+        want = np.asarray(lpips_f32({"params": params}, x, y))
+        got = np.asarray(distance(params, feats, y))
+        assert np.all(want > 0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # Gradients to y agree too (what the perceptual loss uses).
+    g_want = jax.grad(lambda b: LPIPS().apply({"params": params}, x, b).sum())(y)
+    g_got = jax.grad(lambda b: LPIPS().apply({"params": params}, feats, b, method=LPIPS.distance).sum())(y)
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="features of x"):
+        LPIPS().apply({"params": params}, feats, y[:, :16, :16], method=LPIPS.distance)

@@ -11,7 +11,6 @@ import contextlib
 import glob
 import importlib
 import os
-import struct
 
 import jax
 import numpy as np
@@ -292,19 +291,11 @@ def checkpoint_steps(workdir):
 
 
 def read_event_scalars(path):
-    """(step, tag) pairs of the scalar summaries in a TensorBoard event file (TFRecord framing)."""
-    from tensorboard.compat.proto import event_pb2
+    """(step, tag) pairs of the scalar summaries in a TensorBoard event file, read by TensorBoard's own loader."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-    found = []
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos : pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-        pos += 12 + length + 4
-        found += [(event.step, v.tag) for v in event.summary.value if v.HasField("simple_value")]
-    return found
+    return [(event.step, v.tag) for event in LegacyEventFileLoader(path).Load()
+            for v in event.summary.value if v.HasField("simple_value")]
 
 
 def train(config, workdir, cache_dir):
@@ -504,3 +495,82 @@ def test_shipped_autoencoder_config_shapes(name):
                             {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, x)
     side = 256 // 2 ** stage.loss.disc_num_layers - 2
     assert logits.shape == (2, side, side, 1)
+
+
+class TwiceLPIPSTrainer(AutoencoderTrainer):
+    """The step as it was before the real images' LPIPS features were shared: ``_nll`` calls ``LPIPS(x, x_rec)``,
+    so x's VGG features are computed in the loss and again inside the adaptive-weight gradient."""
+
+    def _lpips_features(self, x, lpips_params):
+        return None
+
+    def _nll(self, x, x_rec, logvar, lpips_params, x_feats):
+        assert x_feats is None
+        loss = self.cfg.loss
+        rec = ae_train.ae_losses.reconstruction_loss(x, x_rec, loss.reconstruction)
+        metrics = {"rec_loss": jax.numpy.mean(rec)}
+        p = self.lpips.apply({"params": lpips_params}, x, x_rec)
+        rec = ae_train.ae_losses.add_perceptual(rec, p, loss.perceptual_weight)
+        metrics["perceptual_loss"] = jax.numpy.mean(p)
+        if not loss.learn_logvar:
+            logvar = jax.lax.stop_gradient(logvar)
+        return ae_train.ae_losses.nll_loss_sum_per_image(rec, logvar), metrics
+
+
+def count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of primitive ``name`` in a jaxpr, including its sub-jaxprs (cond branches, pjit, custom vjp)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns"):
+                    n += count_primitive(sub, name)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    n += count_primitive(sub.jaxpr, name)
+    return n
+
+
+def test_shared_lpips_features_keep_the_step_numerics_and_drop_one_vgg_pass():
+    """KL, 16x16, batch 2, LPIPS (random params) on, adversarial terms from step 1: two steps of the step that
+    computes the real images' LPIPS features once give the metrics and params of the old step that computed them
+    twice, up to float32 rounding; and the traced step holds exactly one VGG16 trunk (13 convs) fewer."""
+    from lidiff.models.lpips import VGG16_CONV_INDICES
+
+    model = base.autoencoder_model("kl", ch_mult=(1, 2), z_channels=3, embed_dim=3, ch=32, num_res_blocks=1,
+                                   resolution=RES)
+    loss = base.autoencoder_loss(perceptual_weight=1.0, disc_start=1, disc_num_layers=2, disc_ndf=16,
+                                 kl_weight=1e-3)
+    stage = base.autoencoder_stage(model, loss, batch_size=2, learning_rate=1e-3)
+    stage.lock()
+    new, old = AutoencoderTrainer(stage, 0), TwiceLPIPSTrainer(stage, 0)
+    x1 = jax.numpy.zeros((1, RES, RES, 3), jax.numpy.float32)
+    lpips_params = jax.jit(lambda k: new.lpips.init(k, x1, x1)["params"])(jax.random.PRNGKey(1))
+    # Non-negative heads, as released (the random init's signed heads can make the distance negative).
+    lpips_params = {k: {"kernel": abs(v["kernel"])} if k.startswith("lin") else v for k, v in lpips_params.items()}
+    init = jax.jit(new.init_state).lower(jax.random.PRNGKey(0)).compile(
+        {"xla_backend_optimization_level": 0})(jax.random.PRNGKey(0))
+    batch = {"image": jax.numpy.asarray(fixed_batch()[:2])}
+
+    n_conv = [count_primitive(jax.make_jaxpr(t.train_step)(init, batch, lpips_params).jaxpr, "conv_general_dilated")
+              for t in (new, old)]
+    assert n_conv[1] - n_conv[0] == len(VGG16_CONV_INDICES), n_conv
+
+    results = []
+    for trainer in (new, old):
+        step = jax.jit(trainer.train_step)
+        state, metrics = init, []
+        for _ in range(2):
+            state, m = step(state, batch, lpips_params)
+            metrics.append(host(m))
+        results.append((metrics, host(state)))
+    (m_new, s_new), (m_old, s_old) = results
+    assert m_new[0]["disc_factor"] == 0 and m_new[1]["disc_factor"] == 1
+    assert m_new[1]["perceptual_loss"] > 0 and m_new[1]["d_weight"] > 0  # both LPIPS uses are in the compared step
+    for step_i, (a, b) in enumerate(zip(m_new, m_old)):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-7, err_msg=f"step {step_i + 1}: {key}")
+    assert_trees_close(s_new.params, s_old.params, "params", atol=1e-6, rtol=1e-5)
+    assert_trees_close(s_new.disc_params, s_old.disc_params, "disc_params", atol=1e-6, rtol=1e-5)
+    assert_trees_close(s_new.opt_state, s_old.opt_state, "opt_state", atol=1e-7, rtol=1e-4)
