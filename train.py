@@ -92,6 +92,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed()
+    parallel.check_same_config(flags.FLAGS.config.to_json())
     if jax.process_index() > 0:  # one console: process 0 logs progress, the others only warnings and errors
         logging.set_verbosity(logging.WARNING)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

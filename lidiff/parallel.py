@@ -56,6 +56,25 @@ def initialize_distributed() -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+def check_same_config(config_json: str) -> None:
+    """In a multi-process run, refuses to start unless every process was given the same config (a process
+    started with other flags would silently train something else). A no-op in a single process."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(config_json.encode()).digest(), np.uint8).astype(np.int32)
+    digests = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if differ:
+        raise ConfigError(
+            f"the {jax.process_count()} processes of this run were given different configs (process 0 differs "
+            f"from process(es) {differ}); start every process with the same --config and --config.* flags"
+        )
+
+
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else devices

@@ -104,3 +104,17 @@ def test_processes_that_disagree_on_the_launch_are_refused(tmp_path):
                             env=env_for(4, JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="two",
                                         JAX_PROCESS_ID="0"), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "JAX_NUM_PROCESSES" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_processes_given_different_configs_are_refused(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "train.py", *TINY, f"--workdir={tmp_path}", "--config.autoencoder.train.num_steps=1"]
+    running = [subprocess.Popen(cmd + ([f"--config.seed={i}"]), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env=env_for(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                            JAX_PROCESS_ID=str(i)))
+               for i in range(2)]
+    for proc in running:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and "were given different configs" in err and "Traceback" not in err, err[-2000:]
+    assert not os.path.exists(os.path.join(tmp_path, "autoencoder", "checkpoints"))
