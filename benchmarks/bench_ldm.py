@@ -240,20 +240,26 @@ def main(argv):
         run = lambda: trainer.ldm.generate(  # noqa: E731  (returns a host array, so it is synchronous)
             state.ema_params, fs_params, state.scale_factor, k_sample, num=sample_batch, latent_shape=latent_shape,
             labels=labels, sampler=name, steps=int(steps), eta=0.0, guidance_scale=s.guidance_scale)
-        start = time.perf_counter()
-        images = run()
-        first = time.perf_counter() - start
-        runs = []
-        for _ in range(_SAMPLE_REPEATS.value):
-            start = time.perf_counter()
-            run()
-            runs.append(time.perf_counter() - start)
-        t = float(np.median(runs))
+        images, first, t = time_calls(run, _SAMPLE_REPEATS.value)
         finite = bool(np.isfinite(images).all())
         rows.append((f"{name} {steps} steps + decode",
                      f"{sample_batch / t:.3f} images/s ({t:.2f} s per call, {int(steps) * sample_batch / t:.1f} "
                      f"image-steps/s; first call incl. compile {first:.1f} s; finite: {finite})"))
     print_table("sampling (LatentDiffusion.generate)", rows)
+
+
+def time_calls(run, repeats: int):
+    """``run()`` once (compiling), then ``repeats`` more times -> (first result, first call's seconds, median
+    seconds of the repeats, or the first call's when ``repeats`` is 0). ``run`` must block until done."""
+    start = time.perf_counter()
+    result = run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return result, first, float(np.median(times)) if times else first
 
 
 if __name__ == "__main__":

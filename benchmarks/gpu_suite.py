@@ -291,15 +291,7 @@ def sample_rows(args) -> list[tuple[str, dict]]:
                     state.ema_params, fs_params, state.scale_factor, k_sample, num=b, latent_shape=latent_shape,
                     labels=labels, sampler=name, steps=int(steps), eta=0.0, guidance_scale=stage.sample.guidance_scale,
                     mesh=mesh)
-                t0 = time.perf_counter()
-                images = run()
-                first = time.perf_counter() - t0
-                times = []
-                for _ in range(args.sample_repeats):
-                    t0 = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - t0)
-                t = float(np.median(times)) if times else first
+                images, first, t = bench_ldm.time_calls(run, args.sample_repeats)
                 finite = bool(np.isfinite(images).all())
                 rows.append((label, dict(batch=b, ips=b / t, step_s=t, compile_s=first - t,
                                          dev_peak=device_peak(), finite=finite,

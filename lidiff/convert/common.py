@@ -162,3 +162,49 @@ def convert_state_dict(
             lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:50]))
         raise ConversionError("\n".join(lines))
     return unflatten(out)
+
+
+def load_checked_safetensors(path: str, expected: Mapping[str, Any], what: str, recreate: str) -> Params:
+    """Reads a converted weights file written as ``{"a/b/c": array}`` and checks it against ``expected`` (a
+    nested tree of arrays or ``ShapeDtypeStruct`` giving every name and shape) -> the nested tree, float32 numpy.
+
+    Raises ``ConversionError`` listing every missing, unexpected and mis-shaped tensor, ending with ``recreate``
+    (the command that writes the file). The caller checks that ``path`` exists.
+    """
+    from safetensors.numpy import load_file
+
+    tensors = load_file(path)
+    shapes = {"/".join(k): tuple(v.shape) for k, v in flatten(expected).items()}
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    mismatched = [f"{k} {tuple(tensors[k].shape)} (expected {shapes[k]})"
+                  for k in sorted(set(shapes) & set(tensors)) if tuple(tensors[k].shape) != shapes[k]]
+    if missing or unexpected or mismatched:
+        lines = [f"{path} does not hold the {what}:"]
+        for name, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                                 ("shape mismatch", mismatched, "; ")):
+            if items:
+                lines.append(f"  {name} ({len(items)}): " + sep.join(items[:50]))
+        lines.append(f"  re-create it with: {recreate}")
+        raise ConversionError("\n".join(lines))
+    return unflatten({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in tensors.items()})
+
+
+def torch_state_dict(path: str, sources: str) -> Mapping[str, Any]:
+    """A ``.pth`` state dict loaded with ``torch.load(weights_only=True)`` (no arbitrary unpickling), unwrapping a
+    ``{"state_dict": ...}`` checkpoint; stops the converting command with a message when it cannot.
+    ``sources``: where the user gets the file, for the missing-file message."""
+    import os
+
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(f"reading {path} needs PyTorch, which is not installed: pip install torch==2.13.0") from e
+    if not os.path.isfile(path):
+        raise SystemExit(f"no such file: {path}. {sources}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise SystemExit(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return obj

@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lidiff.convert.common import ConversionError, convert_state_dict, flatten, unflatten
+from lidiff.convert.common import (ConversionError, convert_state_dict, flatten, load_checked_safetensors,
+                                   torch_state_dict)
 from lidiff.models.inception import inception_variable_shapes
 
 FORMAT = "lidiff-inception-fid-2015-12-05"
@@ -111,43 +112,7 @@ def load_inception_variables(path: str) -> dict:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_weights_message(path))
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
-    expected = {"/".join(k): tuple(v.shape) for k, v in flatten(inception_variable_shapes()).items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [
-        f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
-        for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{path} does not hold the FID Inception variables:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:50]))
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:50]))
-        if mismatched:
-            lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:50]))
-        lines.append(f"  re-create it with: {conversion_command(path)}")
-        raise ConversionError("\n".join(lines))
-    return unflatten({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in tensors.items()})
-
-
-def _torch_load(path: str) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise SystemExit(f"reading {path} needs PyTorch, which is not installed: pip install torch==2.13.0") from e
-    if not os.path.isfile(path):
-        raise SystemExit(f"no such file: {path}. {_SOURCES}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise SystemExit(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return obj
+    return load_checked_safetensors(path, inception_variable_shapes(), "FID Inception variables", conversion_command(path))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -160,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
     try:
-        variables = inception_variables_from_state_dict(_torch_load(args.pth))
+        variables = inception_variables_from_state_dict(torch_state_dict(args.pth, _SOURCES))
     except ConversionError as e:
         raise SystemExit(f"{args.pth} is not pytorch-fid's FID Inception:\n{e}") from None
     save_inception_variables(variables, args.out, {"source": os.path.basename(args.pth)})

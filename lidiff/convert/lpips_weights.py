@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lidiff.convert.common import ConversionError, convert_state_dict, flatten, to_numpy_state_dict, unflatten
+from lidiff.convert.common import (ConversionError, convert_state_dict, flatten, load_checked_safetensors,
+                                   to_numpy_state_dict, torch_state_dict)
 from lidiff.models.lpips import lpips_param_shapes
 
 FORMAT = "lidiff-lpips-vgg16-v0.1"
@@ -108,45 +109,7 @@ def load_lpips_params(path: str) -> dict:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_file_message(path))
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
-    expected = {"/".join(k): tuple(v.shape) for k, v in flatten(lpips_param_shapes()).items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [
-        f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
-        for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{path} does not hold the LPIPS VGG16 params:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-        if mismatched:
-            lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched))
-        lines.append(f"  re-create it with: {conversion_command(path)}")
-        raise ConversionError("\n".join(lines))
-    return unflatten({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in tensors.items()})
-
-
-def _torch_load(path: str) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise SystemExit(
-            f"reading {path} needs PyTorch, which is not installed: pip install torch==2.13.0"
-        ) from e
-    if not os.path.isfile(path):
-        raise SystemExit(f"no such file: {path}. {_SOURCES}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise SystemExit(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return obj
+    return load_checked_safetensors(path, lpips_param_shapes(), "LPIPS VGG16 params", conversion_command(path))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -159,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lin", required=True, help="LPIPS v0.1 vgg.pth (richzhang or taming release)")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     args = parser.parse_args(argv)
-    vgg = _torch_load(args.vgg)
-    lin = _torch_load(args.lin)
+    vgg = torch_state_dict(args.vgg, _SOURCES)
+    lin = torch_state_dict(args.lin, _SOURCES)
     params = lpips_params_from_state_dicts(vgg, lin)
     save_lpips_params(
         params, args.out, {"vgg_source": os.path.basename(args.vgg), "lin_source": os.path.basename(args.lin)}
