@@ -48,7 +48,7 @@ from lidiff import parallel  # noqa: E402
 from lidiff.train import builders  # noqa: E402
 from lidiff.train.common import compile_step  # noqa: E402
 from lidiff.train.diffusion import DiffusionTrainer  # noqa: E402
-from lidiff.train.first_stage import FirstStage  # noqa: E402
+from lidiff.ldm import FirstStage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(ROOT / "configs" / "celebahq_f4.py"), "A config with autoencoder and diffusion sections.",
@@ -128,7 +128,7 @@ def synthetic_batch(rng: np.random.Generator, kind: str, batch_size: int, latent
     """What the latent cache would feed: unscaled encodings [B, h, w, c] float32 (+ labels [B] int32)."""
     shape = (batch_size,) + tuple(latent_shape)
     if kind == "vq":
-        batch = {"latent": rng.normal(size=shape).astype(np.float32)}
+        batch = {"mean": rng.normal(size=shape).astype(np.float32)}  # a point posterior (lidiff.ldm)
     else:
         batch = {"mean": rng.normal(size=shape).astype(np.float32), "logvar": np.full(shape, -4.0, np.float32)}
     if num_classes:
@@ -231,7 +231,7 @@ def main(argv):
     if not specs:
         return
     fs_params = init_first_stage(first_stage, resolution, k_fs)
-    labels = (np.arange(sample_batch) % num_classes) if num_classes else None
+    inputs = {"label": np.arange(sample_batch) % num_classes} if num_classes else {}
     s = stage.sample
     rows = [("images per call", f"{sample_batch} x {resolution}x{resolution}x3 (UNet {stage.train.dtype}, "
                                 f"decode float32, guidance {s.guidance_scale:g})")]
@@ -239,7 +239,7 @@ def main(argv):
         name, steps = spec.rsplit(":", 1)
         run = lambda: trainer.ldm.generate(  # noqa: E731  (returns a host array, so it is synchronous)
             state.ema_params, fs_params, state.scale_factor, k_sample, num=sample_batch, latent_shape=latent_shape,
-            labels=labels, sampler=name, steps=int(steps), eta=0.0, guidance_scale=s.guidance_scale)
+            inputs=inputs, sampler=name, steps=int(steps), eta=0.0, guidance_scale=s.guidance_scale)
         images, first, t = time_calls(run, _SAMPLE_REPEATS.value)
         finite = bool(np.isfinite(images).all())
         rows.append((f"{name} {steps} steps + decode",

@@ -62,7 +62,7 @@ from lidiff import parallel  # noqa: E402
 from lidiff.train import builders  # noqa: E402
 from lidiff.train.common import compile_step  # noqa: E402
 from lidiff.train.diffusion import DiffusionTrainer  # noqa: E402
-from lidiff.train.first_stage import FirstStage  # noqa: E402
+from lidiff.ldm import FirstStage  # noqa: E402
 
 FSDP_NA = "n/a (no fsdp in lidiff.parallel yet)"
 COLUMNS = ("row", "batch", "img/s", "step ms", "compile s", "GFLOP/img", "MFU %", "dev peak GiB", "XLA GiB", "note")
@@ -286,10 +286,10 @@ def sample_rows(args) -> list[tuple[str, dict]]:
         for b in args.sample_batches:
             label = f"{sampler_label(spec)} b{b}"
             try:
-                labels = (np.arange(b) % num_classes) if num_classes else None
+                inputs = {"label": np.arange(b) % num_classes} if num_classes else {}
                 run = lambda: trainer.ldm.generate(  # noqa: E731  (returns a host array: synchronous)
                     state.ema_params, fs_params, state.scale_factor, k_sample, num=b, latent_shape=latent_shape,
-                    labels=labels, sampler=name, steps=int(steps), eta=0.0, guidance_scale=stage.sample.guidance_scale,
+                    inputs=inputs, sampler=name, steps=int(steps), eta=0.0, guidance_scale=stage.sample.guidance_scale,
                     mesh=mesh)
                 images, first, t = bench_ldm.time_calls(run, args.sample_repeats)
                 finite = bool(np.isfinite(images).all())

@@ -14,7 +14,7 @@ Layout of a full config::
     autoencoder.loss.* / .optim.* / .train.*
     diffusion.model.*               UNet
     diffusion.process.*             beta schedule, parameterization, loss
-    diffusion.conditioning.*        none | class
+    diffusion.conditioning.*        none | class | text | layout, and the encoder's settings
     diffusion.first_stage.*         where the frozen autoencoder comes from, scale_factor
     diffusion.latent_cache.* / .optim.* / .train.* / .sample.*
 """
@@ -26,8 +26,10 @@ from ml_collections import ConfigDict
 
 def data_config(source: str = "folder", resolution: int = 256, **overrides) -> ConfigDict:
     c = ConfigDict()
-    c.source = source  # folder | tfds | digits | synthetic
-    c.path = ""  # folder: root directory, searched recursively for jpg/png/webp
+    # folder | tfds | digits | synthetic; captions: captioned_folder | caption_manifest | tfds_captions |
+    # digits_captions; layouts: coco_layout | digits_layout
+    c.source = source
+    c.path = ""  # (captioned_)folder: image root, recursive; caption_manifest: .jsonl/.csv; coco_layout: images
     c.class_from_subdir = False  # folder: label = index of the first-level sub-folder
     c.tfds_name = ""  # tfds: dataset name, e.g. "celeb_a_hq/256"
     c.split = "train"  # tfds split
@@ -35,7 +37,10 @@ def data_config(source: str = "folder", resolution: int = 256, **overrides) -> C
     c.manual_dir = ""  # tfds manual_dir for datasets that need files placed by hand
     c.image_key = "image"
     c.label_key = ""  # tfds feature holding the class label ("" = unconditional)
-    c.num_examples = 1024  # synthetic only
+    c.caption_key = ""  # tfds_captions: the text feature path, e.g. "captions/text"
+    c.annotation_json = ""  # coco_layout: COCO instances JSON (images under path)
+    c.max_boxes = 0  # layouts: boxes kept per image (0 = the source's default: all for COCO, 3 digits)
+    c.num_examples = 1024  # synthetic and digits_layout
     c.num_classes = 0  # synthetic only (0 = no labels)
     c.resolution = resolution  # images are resized (smaller side) and center-cropped to this
     c.random_flip = False
@@ -144,6 +149,27 @@ def unet_model(**overrides) -> ConfigDict:
     return c
 
 
+def conditioning(kind: str = "none", **overrides) -> ConfigDict:
+    """``diffusion.conditioning``: which encoder tau_theta turns which raw input into the UNet's conditioning."""
+    c = ConfigDict()
+    c.kind = kind  # none | class (labels) | text (captions -> tokens) | layout (boxes with class ids)
+    c.mode = "crossattn"  # crossattn (context [B, L, D]) | adm (class only: label_emb added to the time embedding)
+    c.num_classes = 0  # class: real classes, index num_classes is the null class; layout: box classes
+    c.embed_dim = 512  # context width D of the encoder (= model.context_dim for crossattn)
+    c.p_uncond = 0.0  # probability of replacing a row's conditioning by the null input in training (for CFG)
+    c.n_layer = 0  # text / layout: transformer blocks
+    c.heads = 8  # text / layout: attention heads (x-transformers default)
+    c.dim_head = 64  # text / layout: width per head
+    c.attention_kernel = "auto"  # text / layout transformer: auto | xla | cudnn | reference
+    c.vocab_size = 0  # text: token table size (0 = the tokenizer's); layout: 8192 as CompVis
+    c.max_length = 77  # text: tokens per prompt ([CLS] ... [SEP] [PAD]...)
+    c.tokenizer = ""  # text: directory of a BERT tokenizer (vocab.txt or tokenizer.json), copied into the run
+    c.build_vocab = False  # text: no tokenizer given -> train a WordPiece vocabulary on the training captions
+    c.max_boxes = 0  # layout: boxes per image K (the sequence is 3K tokens)
+    c.update(overrides)
+    return c
+
+
 def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **process) -> ConfigDict:
     c = ConfigDict()
     c.model = unet
@@ -156,11 +182,7 @@ def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **p
     c.process.loss_type = "l2"  # l2 | l1
     c.process.min_snr_gamma = 0.0  # 0 = plain loss (the paper); e.g. 5.0 for min-SNR-gamma weighting
     c.process.update(process)
-    c.conditioning = ConfigDict()
-    c.conditioning.kind = "none"  # none | class (ClassEmbedder -> cross-attention context)
-    c.conditioning.num_classes = 0  # class: real classes; index num_classes is the null label for CFG
-    c.conditioning.embed_dim = 512
-    c.conditioning.p_uncond = 0.0  # probability of replacing the condition by the null label in training
+    c.conditioning = conditioning()
     c.first_stage = ConfigDict()
     c.first_stage.workdir = ""  # a stage-1 workdir ("" = the autoencoder stage of this run)
     c.first_stage.use_ema = True  # use the autoencoder's EMA params when it has them
@@ -193,7 +215,10 @@ def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **p
     c.sample.eta = 0.0
     c.sample.guidance_scale = 1.0
     c.sample.num_images = 16  # periodic sample grids
-    c.sample.final_samples_per_class = 0  # >0: write <workdir>/samples.npz at the end of training
+    c.sample.final_samples_per_class = 0  # >0: this many per class / prompt / layout into <workdir>/samples.npz
+    c.sample.prompts = ()  # text models: prompts of the sample grids, final samples and in-training FID
+    c.sample.prompt_labels = ()  # optional: the class each prompt names, recorded as labels in samples.npz
+    c.sample.layout_file = ""  # layout models: a layout JSON (sample.py --layout format); "" = random digit layouts
     c.eval = ConfigDict()  # in-training FID of EMA samples (lidiff.train.evaluator)
     c.eval.every = 0  # steps between evaluations (0 = off)
     c.eval.num_samples = 2048  # EMA samples per evaluation (FID is biased below ~2048; papers use 50k)

@@ -5,6 +5,7 @@
     <workdir>/diffusion/checkpoints/<step>/     stage 2: params, ema_params, opt_state, scalars (step,
                                                 scale_factor); meta: config (the whole experiment, JSON)
     <workdir>/diffusion/metrics.jsonl, images/, latents.npz (latent cache)
+    <workdir>/diffusion/tokenizer/              text models: the tokenizer the model was trained with
     <workdir>/samples.npz, samples_grid.png     final samples, when the config asks for them
 
 Each checkpoint item is stored separately, so ``load_latent_diffusion`` reads the EMA params, the scale factor
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from ml_collections import ConfigDict
 
 from lidiff.checkpoint import Checkpointer
@@ -32,6 +34,16 @@ AUTOENCODER, DIFFUSION = "autoencoder", "diffusion"
 def checkpoint_dir(workdir: str, stage: str) -> str:
     """``<workdir>/<stage>/checkpoints``."""
     return os.path.join(workdir, stage, "checkpoints")
+
+
+def tokenizer_dir(workdir: str) -> str:
+    """``<workdir>/diffusion/tokenizer``: a text model's tokenizer, kept with its run."""
+    return os.path.join(workdir, DIFFUSION, "tokenizer")
+
+
+def latent_cache_path(workdir: str) -> str:
+    """``<workdir>/diffusion/latents.npz``: the default latent cache."""
+    return os.path.join(workdir, DIFFUSION, "latents.npz")
 
 
 def has_stage(workdir: str, stage: str) -> bool:
@@ -58,35 +70,76 @@ def saved_config(workdir: str, stage: str = DIFFUSION, step: int | None = None) 
     return ConfigDict(json.loads(meta["config"]))
 
 
+def _restore_autoencoder(directory: str, step: int | None, use_ema: bool):
+    from lidiff.ldm import FirstStage
+    from lidiff.train import builders
+
+    checkpointer = Checkpointer(directory, create=False)
+    try:
+        items, meta, restored = checkpointer.restore_items(step=step, names=("step", "params", "ema_params"))
+    finally:
+        checkpointer.close()
+    model_cfg = ConfigDict(meta["model"])
+    ema = use_ema and bool(items.get("ema_params"))
+    params = items["ema_params"] if ema else items["params"]["autoencoder"]
+    first_stage = FirstStage(model=builders.build_autoencoder(model_cfg, jnp.float32), kind=model_cfg.kind)
+    logging.info("first stage: %s autoencoder from %s (step %d, %s params)", model_cfg.kind, directory, restored,
+                 "EMA" if ema else "raw")
+    return first_stage, params, restored
+
+
 def load_autoencoder(workdir: str, step: int | None = None, use_ema: bool = True):
     """A trained first stage from ``<workdir>/autoencoder`` -> ``(FirstStage, params, step)``.
 
     The architecture is the one saved with the checkpoint; params are the EMA ones when the run kept an EMA and
     ``use_ema``. Only ``params``, ``ema_params`` and ``step`` are read.
     """
-    from lidiff.train import builders
-    from lidiff.train.first_stage import FirstStage
-
     if not has_stage(workdir, AUTOENCODER):
         raise MissingInputError(f"{workdir}: no autoencoder checkpoint in {checkpoint_dir(workdir, AUTOENCODER)}; "
                                 "train stage 1 first (a config whose stages include 'autoencoder')")
-    checkpointer = Checkpointer(checkpoint_dir(workdir, AUTOENCODER), create=False)
-    try:
-        items, meta, restored = checkpointer.restore_items(step=step, names=("step", "params", "ema_params"))
-    finally:
-        checkpointer.close()
-    model_cfg = ConfigDict(meta["model"])
-    params = items["ema_params"] if use_ema and items.get("ema_params") else items["params"]["autoencoder"]
-    return FirstStage(model=builders.build_autoencoder(model_cfg, jnp.float32), kind=model_cfg.kind), params, restored
+    return _restore_autoencoder(checkpoint_dir(workdir, AUTOENCODER), step, use_ema)
+
+
+def load_first_stage(config: ConfigDict, workdir: str):
+    """The frozen autoencoder named by ``config.diffusion.first_stage`` -> ``(FirstStage, params on host)``.
+
+    It lives in ``first_stage.workdir`` (default: ``workdir`` itself). The architecture comes from the checkpoint,
+    so a stage-2 config cannot silently pair a checkpoint with the wrong model.
+    """
+    fs = config.diffusion.first_stage
+    root = fs.workdir or workdir
+    if not has_stage(root, AUTOENCODER):
+        raise MissingInputError(
+            f"no autoencoder checkpoint in {checkpoint_dir(root, AUTOENCODER)}. Train stage 1 first "
+            "(config.stages=('autoencoder', 'diffusion') or configs/autoencoder_*.py with the same --workdir), or "
+            "point --config.diffusion.first_stage.workdir at a stage-1 workdir."
+        )
+    first_stage, params, _ = _restore_autoencoder(checkpoint_dir(root, AUTOENCODER), None, fs.use_ema)
+    return first_stage, params
+
+
+def load_tokenizer(workdir: str, config: ConfigDict):
+    """A text model's tokenizer: the run directory's copy, else ``conditioning.tokenizer``; None otherwise."""
+    if config.diffusion.conditioning.kind != "text":
+        return None
+    from lidiff.data.text import load_tokenizer as load
+
+    if os.path.isdir(tokenizer_dir(workdir)):
+        return load(tokenizer_dir(workdir))
+    if config.diffusion.conditioning.tokenizer:
+        return load(config.diffusion.conditioning.tokenizer)
+    raise MissingInputError(f"{workdir}: this text model's tokenizer is missing ({tokenizer_dir(workdir)} does not "
+                            "exist); copy the tokenizer it was trained with there, or give --config with "
+                            "diffusion.conditioning.tokenizer")
 
 
 @dataclasses.dataclass
 class LoadedLDM:
-    """A trained stage-2 model ready to sample: ``trainer.ldm.generate(params, first_stage_params, scale_factor,
-    ...)``. ``params`` are the EMA params (UNet + conditioning encoder), on this process's first device."""
+    """A trained stage-2 model ready to sample: ``ldm.generate(params, first_stage_params, scale_factor, ...)``.
+    ``params`` are the EMA params (UNet + conditioning encoder), on this process's first device."""
 
     config: ConfigDict
-    trainer: Any  # lidiff.train.diffusion.DiffusionTrainer: the modules, schedule and first stage
+    trainer: Any  # lidiff.train.diffusion.DiffusionTrainer: the model, its tokenizer, the first stage
     params: Any
     first_stage_params: Any
     scale_factor: jax.Array
@@ -98,19 +151,23 @@ class LoadedLDM:
         return self.trainer.ldm
 
     @property
+    def tokenizer(self):
+        return self.trainer.tokenizer
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """The latent shape at the training resolution."""
         return self.trainer.latent_shape(self.config.data.resolution)
 
 
 def load_latent_diffusion(workdir: str, step: int | None = None, config: ConfigDict | None = None) -> LoadedLDM:
-    """Restores what sampling needs from a run directory: EMA params, ``scale_factor``, the frozen first stage.
+    """Restores what sampling needs from a run directory: EMA params, ``scale_factor``, the frozen first stage,
+    and a text model's tokenizer.
 
     config: the experiment config (default: the one saved with the checkpoint). step: a checkpoint step
-    (default: the newest that restores). No optimizer is built and no optimizer state is read.
+    (default: the newest that restores). No optimizer state is read.
     """
     from lidiff.train.diffusion import DiffusionTrainer
-    from lidiff.train.first_stage import load_first_stage
 
     directory = checkpoint_dir(workdir, DIFFUSION)
     if not has_stage(workdir, DIFFUSION):
@@ -118,7 +175,7 @@ def load_latent_diffusion(workdir: str, step: int | None = None, config: ConfigD
                                 "train stage 2 first (train.py with a config whose stages include 'diffusion')")
     config = config if config is not None else saved_config(workdir, DIFFUSION, step)
     first_stage, fs_params = load_first_stage(config, workdir)
-    trainer = DiffusionTrainer(config.diffusion, first_stage, config.seed)
+    trainer = DiffusionTrainer(config.diffusion, first_stage, config.seed, load_tokenizer(workdir, config))
     abstract = jax.eval_shape(
         lambda rng: trainer.init_state(rng, jnp.float32(1.0), trainer.latent_shape(config.data.resolution)),
         jax.random.PRNGKey(0))

@@ -10,10 +10,15 @@ The data position is the training step. With N examples, global batch G and P pr
 So batch s depends on (seed, s) alone: ``iterate(start_step=k)`` resumes exactly where an uninterrupted run would
 be, and the P per-process batches of a step, stacked in process order, are the 1-process batch.
 
-An unreadable example (the source returns None) is replaced by the next readable one in the stream (positions
-p+1, p+2, ...), which keeps shapes fixed and stays deterministic; each bad example is counted in
-``num_skipped`` and logged once. The loader stops with an error when no readable example is found in
-``MAX_CONSECUTIVE_BAD`` consecutive positions, or when more than ``max_skip_fraction`` of all reads failed.
+Besides the image, each row holds the arrays of the loader's ``fields`` (``lidiff.data.fields``): class labels,
+caption token ids, layout boxes; each field declares its batch keys with per-row shapes and dtypes, so every batch
+has fixed shapes. Fields see the example before it is resized, with the same crop and flip as the image.
+
+An unusable example (the source returns None: unreadable; or a field returns a reason, e.g. "no caption") is
+replaced by the next usable one in the stream (positions p+1, p+2, ...), which keeps shapes fixed and stays
+deterministic; each bad example is counted in ``num_skipped`` and logged once with its reason. The loader stops
+with an error when no usable example is found in ``MAX_CONSECUTIVE_BAD`` consecutive positions, or when more than
+``max_skip_fraction`` of all reads failed.
 
 Decoding and transforms run in a thread pool (PIL releases the GIL); ``prefetch`` batches are loaded ahead of
 the one being consumed. Use the loader as a context manager or call ``close()``.
@@ -24,21 +29,24 @@ from __future__ import annotations
 import collections
 import threading
 from concurrent import futures
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
 
 from lidiff.data import transforms
-from lidiff.data.sources import Source
+from lidiff.data.fields import Field, FieldValues, check_fields, default_fields
+from lidiff.data.sources import Example, Source
 from lidiff.errors import DataError
 
 Batch = Dict[str, np.ndarray]
 
-MAX_CONSECUTIVE_BAD = 64  # unreadable examples in a row (in stream order) before giving up
+MAX_CONSECUTIVE_BAD = 64  # unusable examples in a row (in stream order) before giving up
 _MIN_READS_FOR_FRACTION = 32  # reads before ``max_skip_fraction`` is enforced
 
 _PERMUTATION_STREAM, _FLIP_STREAM = 0, 1
+
+UNREADABLE = "unreadable"  # the reason recorded when the source returns None
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -49,6 +57,41 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 def flip_decisions(seed: int, step: int, global_batch_size: int) -> np.ndarray:
     """bool ``[global_batch_size]``: whether each row of global batch ``step`` is mirrored (probability 1/2)."""
     return np.random.default_rng([seed, _FLIP_STREAM, step]).random(global_batch_size) < 0.5
+
+
+def prepare_example(
+    example: Optional[Example],
+    fields: Sequence[Field],
+    resolution: int,
+    flip: bool = False,
+    resample: transforms.Resample = "bicubic",
+) -> Union[Tuple[np.ndarray, FieldValues], str]:
+    """One example as a training row: ``(image float32 [R, R, 3] in [-1, 1], {key: array})``, or the reason it
+    cannot be used (``"unreadable"`` for None, else the first field's reason string).
+
+    The image is resized (smaller side to R) and centre-cropped, then mirrored when ``flip``; every field sees the
+    original (H, W) and the same R and flip. Field values are checked against their specs (ValueError naming the
+    field and key).
+    """
+    if example is None:
+        return UNREADABLE
+    image = transforms.ensure_rgb_uint8(example["image"])
+    image_hw = (int(image.shape[0]), int(image.shape[1]))
+    values: FieldValues = {}
+    for field in fields:
+        out = field(example, image_hw, resolution, flip)
+        if isinstance(out, str):
+            return out
+        for key, (shape, dtype) in field.specs.items():
+            value = np.asarray(out[key]) if key in out else None
+            if value is None or value.shape != shape:
+                got = "nothing" if value is None else f"shape {value.shape}"
+                raise ValueError(f"{field!r} returned {got} for {key!r}; its spec is shape {shape}, {dtype}.")
+            values[key] = value.astype(dtype, copy=False)
+    image = transforms.resize_center_crop(image, resolution, resample)
+    if flip:
+        image = transforms.hflip(image)
+    return transforms.to_float(image), values
 
 
 class _Inline:
@@ -77,10 +120,13 @@ class DataLoader:
       num_threads: decoding threads (0: decode in the calling thread).
       prefetch: batches loaded ahead of the one being consumed.
       resample: PIL filter name for resizing (see ``transforms.resample_filter``).
-      max_skip_fraction: fail when more than this fraction of reads were unreadable (after 32 reads).
+      max_skip_fraction: fail when more than this fraction of reads were unusable (after 32 reads).
+      fields: what each row holds besides the image (``lidiff.data.fields``, e.g. ``fields_for("text", ...)``);
+        None: ``[LabelField()]`` when ``source.num_classes`` is not None, else nothing.
 
-    Batches: ``{"image": float32 [G/P, R, R, 3] in [-1, 1], "label": int32 [G/P]}``, ``"label"`` only when
-    ``source.num_classes`` is not None.
+    Batches: ``{"image": float32 [G/P, R, R, 3] in [-1, 1], key: [G/P, *shape] dtype for each key of each field}``,
+    e.g. ``"label": int32 [G/P]``, ``"tokens": int32 [G/P, L]``, ``"boxes": float32 [G/P, K, 4]`` and
+    ``"box_labels": int32 [G/P, K]``.
     """
 
     def __init__(
@@ -97,6 +143,7 @@ class DataLoader:
         prefetch: int = 2,
         resample: transforms.Resample = "bicubic",
         max_skip_fraction: float = 0.5,
+        fields: Optional[Sequence[Field]] = None,
     ):
         if len(source) == 0:
             raise ValueError(f"The data source {type(source).__name__} is empty.")
@@ -118,6 +165,8 @@ class DataLoader:
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must lie in [0, 1], got {max_skip_fraction}.")
         transforms.resample_filter(resample)  # fail now on an unknown filter name
+        self.fields: Tuple[Field, ...] = tuple(default_fields(source) if fields is None else fields)
+        self._specs = check_fields(self.fields)
 
         self.source = source
         self.global_batch_size = int(global_batch_size)
@@ -129,15 +178,20 @@ class DataLoader:
         self.num_threads, self.prefetch = int(num_threads), int(prefetch)
         self.resample = resample
         self.max_skip_fraction = float(max_skip_fraction)
-        self.has_labels = getattr(source, "num_classes", None) is not None
+        self.has_labels = "label" in self._specs  # rows carry class ids
 
-        self.num_skipped = 0  # unreadable reads so far (each replaced by a readable example)
-        self.num_reads = 0  # all reads so far, readable or not
-        self._logged_bad: set = set()
+        self.num_skipped = 0  # unusable reads so far (each replaced by a usable example)
+        self.num_reads = 0  # all reads so far, usable or not
+        self._logged_bad: Dict[int, str] = {}  # source index -> reason, logged once each
         self._perm_cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
         self._perm_lock = threading.Lock()
         self._pool: Optional[futures.ThreadPoolExecutor] = None
         self._closed = False
+
+    @property
+    def field_names(self) -> Tuple[str, ...]:
+        """The batch keys besides ``"image"``, in field order (e.g. ``("label",)``, ``("boxes", "box_labels")``)."""
+        return tuple(self._specs)
 
     # ----------------------------------------------------------------------------------------------- sizes
 
@@ -187,37 +241,35 @@ class DataLoader:
 
     # ------------------------------------------------------------------------------------------- loading
 
-    def _load_row(self, position: int, flip: bool, images: np.ndarray, labels: Optional[np.ndarray], row: int):
-        """Decode the example at ``position`` (or the next readable one) into ``images[row]``; returns the source
-        indices found unreadable on the way."""
-        bad: List[int] = []
+    def _load_row(self, position: int, flip: bool, batch: Batch, row: int) -> List[Tuple[int, str]]:
+        """Load the example at ``position`` (or the next usable one) into row ``row`` of every array of ``batch``;
+        returns ``(source index, reason)`` of the unusable examples passed on the way."""
+        bad: List[Tuple[int, str]] = []
         tries = min(self.dataset_size, MAX_CONSECUTIVE_BAD)
         for k in range(tries):
             index = self.index_at(position + k)
-            example = self.source[index]
-            if example is not None:
+            prepared = prepare_example(self.source[index], self.fields, self.resolution, flip, self.resample)
+            if not isinstance(prepared, str):
                 break
-            bad.append(index)
+            bad.append((index, prepared))
         else:
+            reasons = sorted({reason for _, reason in bad})
+            usable = "readable" if reasons == [UNREADABLE] else f"usable ({'; '.join(reasons)})"
             what = (
-                f"none of the {tries} examples of the source is readable"
+                f"none of the {tries} examples of the source is {usable}"
                 if tries == self.dataset_size
-                else f"{tries} consecutive examples (stream positions {position}..{position + tries - 1}) are "
-                f"unreadable"
+                else f"{tries} consecutive examples (stream positions {position}..{position + tries - 1}) are not "
+                f"{usable}"
             )
             raise DataError(
-                f"Data loading failed: {what}, e.g. {self.source.describe(bad[0])}. Check that the data is "
-                f"where config.data.path points and that the files are images PIL can decode."
+                f"Data loading failed: {what}, e.g. {self.source.describe(bad[0][0])} ({bad[0][1]}). Check that "
+                f"the data is where config.data.path points, that the files are images PIL can decode, and that "
+                f"the examples carry what the loader's fields need ({', '.join(self._specs) or 'images only'})."
             )
-        image = transforms.ensure_rgb_uint8(example["image"])
-        image = transforms.resize_center_crop(image, self.resolution, self.resample)
-        if flip:
-            image = transforms.hflip(image)
-        images[row] = transforms.to_float(image)
-        if labels is not None:
-            if "label" not in example:
-                raise KeyError(f"Example {self.source.describe(index)} has no 'label' but the source has classes.")
-            labels[row] = example["label"]
+        image, values = prepared
+        batch["image"][row] = image
+        for key, value in values.items():
+            batch[key][row] = value
         return bad
 
     def _submit(self, step: int):
@@ -226,11 +278,10 @@ class DataLoader:
             raise RuntimeError("This DataLoader is closed.")
         n, r = self.local_batch_size, self.resolution
         batch: Batch = {"image": np.empty((n, r, r, 3), dtype=np.float32)}
-        labels = None
-        if self.has_labels:
-            labels = batch["label"] = np.empty((n,), dtype=np.int32)
+        for key, (shape, dtype) in self._specs.items():
+            batch[key] = np.empty((n, *shape), dtype=dtype)
         positions, flips = self.local_positions(step), self.local_flips(step)
-        args = [(int(positions[i]), bool(flips[i]), batch["image"], labels, i) for i in range(n)]
+        args = [(int(positions[i]), bool(flips[i]), batch, i) for i in range(n)]
         if self.num_threads == 0:
             jobs = [_Inline(self._load_row, *a) for a in args]
         else:
@@ -238,27 +289,28 @@ class DataLoader:
         return batch, jobs
 
     def _collect(self, step: int, batch: Batch, jobs) -> Batch:
-        """Wait for the rows of ``step``, account for and log unreadable examples, and return the batch."""
+        """Wait for the rows of ``step``, account for and log unusable examples, and return the batch."""
         for job in jobs:
             bad = job.result()
             self.num_reads += 1 + len(bad)
             self.num_skipped += len(bad)
-            for index in bad:
+            for index, reason in bad:
                 if index not in self._logged_bad:
-                    self._logged_bad.add(index)
+                    self._logged_bad[index] = reason
                     logging.warning(
-                        "Skipping unreadable example %s (step %d); using the next readable example instead. "
-                        "%d unreadable reads so far.",
-                        self.source.describe(index), step, self.num_skipped,
+                        "Skipping example %s (%s; step %d); using the next usable example instead. "
+                        "%d unusable reads so far.",
+                        self.source.describe(index), reason, step, self.num_skipped,
                     )
         if (
             self.num_reads >= _MIN_READS_FOR_FRACTION
             and self.num_skipped > self.max_skip_fraction * self.num_reads
         ):
+            first = min(self._logged_bad)
             raise DataError(
-                f"Data loading failed: {self.num_skipped} of {self.num_reads} reads were unreadable, more than "
+                f"Data loading failed: {self.num_skipped} of {self.num_reads} reads were unusable, more than "
                 f"max_skip_fraction={self.max_skip_fraction}. Check the files (first bad: "
-                f"{self.source.describe(min(self._logged_bad))})."
+                f"{self.source.describe(first)}, {self._logged_bad[first]})."
             )
         return batch
 

@@ -257,7 +257,8 @@ class Sampling:
 class RunSamples:
     """Images drawn from a trained run directory (EMA params, through ``lidiff.runs``), batch by batch.
 
-    Class-conditional models sample the classes round-robin. Batch ``i`` uses the key ``fold_in(seed, i)``,
+    Conditional models sample the classes round-robin (text: the config's ``sample.prompts``; layouts: random or
+    the config's layout file; ``lidiff.train.conditioning.sample_inputs``). Batch ``i`` uses the key ``fold_in(seed, i)``,
     so the images do not depend on how many are drawn after them.
     """
 
@@ -272,20 +273,19 @@ class RunSamples:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         import jax
 
-        from lidiff.train.generate import to_uint8
+        from lidiff.ldm import to_uint8
+        from lidiff.train.conditioning import sample_inputs
 
         s, model = self.sampling, self.model
-        conditional = model.trainer.conditional
-        num_classes = model.config.diffusion.conditioning.num_classes if conditional else 0
+        inputs, _ = sample_inputs(model.config, self.num_images, model.trainer.tokenizer, seed=self.seed)
         steps = None if s.sampler == "ddpm" else s.steps
         key = jax.random.PRNGKey(self.seed)
         for i, start in enumerate(range(0, self.num_images, s.batch_size)):
             n = min(s.batch_size, self.num_images - start)
-            labels = np.arange(start, start + n) % num_classes if conditional else None
             images = model.ldm.generate(model.params, model.first_stage_params, model.scale_factor,
                                         jax.random.fold_in(key, i), num=n, latent_shape=model.latent_shape,
-                                        labels=labels, sampler=s.sampler, steps=steps, eta=s.eta,
-                                        guidance_scale=s.guidance_scale)
+                                        inputs={k: v[start:start + n] for k, v in inputs.items()},
+                                        sampler=s.sampler, steps=steps, eta=s.eta, guidance_scale=s.guidance_scale)
             yield to_uint8(images)
 
     def describe(self) -> dict[str, Any]:

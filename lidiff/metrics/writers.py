@@ -136,8 +136,10 @@ def read_metrics(logdir: str) -> list[dict]:
 
 
 def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = None, *, write_pngs: bool = True,
-                 grid_cols: int | None = None, max_grid: int = 256, settings: Mapping[str, float] | None = None) -> str:
-    """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given, and each
+                 grid_cols: int | None = None, max_grid: int = 256, settings: Mapping[str, float] | None = None,
+                 conditioning: Mapping[str, np.ndarray] | None = None) -> str:
+    """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given, each of
+    ``conditioning`` as given, e.g. ``prompts`` [N] str or ``boxes`` [N,K,4] and ``box_labels`` [N,K], and each
     of ``settings`` as a scalar, e.g. the sampler and checkpoint step), a grid ``samples_grid.png`` of the first
     ``max_grid``, and (``write_pngs``) one PNG per image under ``images/``.
 
@@ -145,7 +147,8 @@ def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = No
     """
     os.makedirs(outdir, exist_ok=True)
     images = np.asarray(images, np.uint8)
-    arrays = {"images": images, **{k: np.asarray(v) for k, v in (settings or {}).items()}}
+    arrays = {"images": images, **{k: np.asarray(v) for k, v in (settings or {}).items()},
+              **{k: np.asarray(v) for k, v in (conditioning or {}).items()}}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, np.int64)
     path = os.path.join(outdir, "samples.npz")

@@ -251,7 +251,7 @@ class DiagonalGaussian:
     """
 
     mean: jax.Array
-    logvar: jax.Array
+    logvar: jax.Array | None
 
     @classmethod
     def from_mean_logvar(cls, mean: jax.Array, logvar: jax.Array) -> "DiagonalGaussian":
@@ -273,8 +273,20 @@ class DiagonalGaussian:
     def var(self) -> jax.Array:
         return jnp.exp(self.logvar)
 
+    @classmethod
+    def point(cls, mean: jax.Array) -> "DiagonalGaussian":
+        """A degenerate posterior at ``mean`` (a VQ encoder's output): ``sample`` and ``mode`` return ``mean``.
+        ``logvar`` is None; ``kl``, ``std`` and ``var`` are undefined for it."""
+        return cls(mean=jnp.asarray(mean, jnp.float32), logvar=None)
+
+    @property
+    def is_point(self) -> bool:
+        return self.logvar is None
+
     def sample(self, rng: jax.Array) -> jax.Array:
-        """mean + std * eps, eps ~ N(0, I) drawn from ``rng``. -> [B, h, w, C] float32."""
+        """mean + std * eps, eps ~ N(0, I) drawn from ``rng`` (a point posterior: mean). -> [B, h, w, C] float32."""
+        if self.is_point:
+            return self.mean
         return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:

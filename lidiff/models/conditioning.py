@@ -1,21 +1,43 @@
-"""Conditioning encoders that turn labels into UNet cross-attention context.
+"""Conditioning encoders tau_theta: raw conditioning inputs -> the ``cond`` pytree the UNet consumes.
 
-``ClassEmbedder`` is the class-conditional LDM (cin256) encoder: a learned table of class vectors used as a
-context of length 1. Its one parameter ``embedding/embedding`` [n_classes, embed_dim] is the CompVis key
-``cond_stage_model.embedding.weight`` (strip the ``cond_stage_model.`` prefix before converting).
+Raw inputs are a dict of arrays with the batch as leading axis (what the data loader and ``sample.py`` produce)::
+
+    class labels   {"label": [B] int32}                     (num_classes = the null class)
+    text           {"tokens": [B, L] int32}                 (the empty prompt's tokens = the null input)
+    layouts        {"boxes": [B, K, 4] float32, "box_labels": [B, K] int32}   (all labels -1 = no boxes)
+
+An encoder turns them into ``cond``, a dict whose keys say how the UNet takes them (CompVis's
+``conditioning_key``): ``{"context": [B, L, D]}`` for cross-attention (``crossattn``), ``{"y": [B] int32}`` for the
+class embedding added to the time embedding (``adm``), ``{"concat": [B, h, w, c]}`` stacked on x_t (``concat``), or
+several at once (``hybrid``). Every encoder defines its null input, which ``p_uncond`` substitutes at training
+time (``drop_to_null``) and classifier-free guidance encodes for the unconditional branch.
+
+Encoders are small frozen dataclasses holding flax modules: ``init(rng) -> params`` ({} when nothing is
+trained), ``encode(params, inputs) -> cond``, ``null_inputs(n) -> inputs``. ``input_specs`` gives each raw
+input's per-row shape and dtype, which ``check_inputs`` uses to refuse what does not fit, by name.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from lidiff.models.layout import layout_tokens
+
+Inputs = Mapping[str, Any]
+Specs = dict  # name -> (per-row shape, numpy dtype)
 
 
 class ClassEmbedder(nn.Module):
-    """Class labels -> a length-1 context sequence.
+    """Class labels -> a length-1 context sequence (the cin256 encoder).
+
+    Its one parameter ``embedding/embedding`` [n_classes, embed_dim] is the CompVis key
+    ``cond_stage_model.embedding.weight``.
 
     Attributes:
       embed_dim: context width D (the UNet's ``context_dim``).
@@ -37,3 +59,176 @@ class ClassEmbedder(nn.Module):
             name="embedding",
         )
         return table(labels)[:, None, :].astype(self.dtype)
+
+
+def _zeros(specs: Specs, n: int) -> dict[str, jax.Array]:
+    return {k: jnp.zeros((n,) + tuple(shape), dtype) for k, (shape, dtype) in specs.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unconditional:
+    """No conditioning: no inputs, no params, an empty ``cond``."""
+
+    kind = "none"
+    mode = "none"
+
+    @property
+    def input_specs(self) -> Specs:
+        return {}
+
+    def init(self, rng: jax.Array) -> dict:
+        return {}
+
+    def encode(self, params: Any, inputs: Inputs) -> dict:
+        return {}
+
+    def null_inputs(self, n: int) -> dict:
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassConditioning:
+    """Class labels, as cross-attention context (``crossattn``, cin256) or as the UNet's ``label_emb`` (``adm``).
+
+    Label ``num_classes`` is the null class. In ``crossattn`` mode the table ``ClassEmbedder(embed_dim,
+    num_classes + 1)`` is trained here; in ``adm`` mode the labels pass through as ``y`` and the UNet's
+    ``label_emb`` (built with ``num_classes + 1`` rows) embeds them.
+    """
+
+    num_classes: int
+    embed_dim: int
+    mode: str = "crossattn"  # crossattn | adm
+    dtype: Any = jnp.float32
+    kind = "class"
+
+    def __post_init__(self):
+        if self.mode not in ("crossattn", "adm"):
+            raise ValueError(f"class conditioning supports mode 'crossattn' or 'adm', not {self.mode!r}")
+        if self.num_classes <= 0:
+            raise ValueError(f"class conditioning needs num_classes > 0, got {self.num_classes}")
+
+    @property
+    def module(self) -> ClassEmbedder:
+        return ClassEmbedder(self.embed_dim, self.num_classes + 1, self.dtype)
+
+    @property
+    def input_specs(self) -> Specs:
+        return {"label": ((), np.int32)}
+
+    def init(self, rng: jax.Array) -> dict:
+        if self.mode == "adm":
+            return {}
+        return self.module.init(rng, jnp.zeros((1,), jnp.int32))["params"]
+
+    def encode(self, params: Any, inputs: Inputs) -> dict:
+        labels = jnp.asarray(inputs["label"], jnp.int32)
+        if self.mode == "adm":
+            return {"y": labels}
+        return {"context": self.module.apply({"params": params}, labels)}
+
+    def null_inputs(self, n: int) -> dict:
+        return {"label": jnp.full((n,), self.num_classes, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+    """Token ids -> a transformer trained jointly (txt2img's BERTEmbedder) -> cross-attention context.
+
+    transformer: ``lidiff.models.text_transformer.TransformerEmbedder``. null_tokens: the empty prompt's ids
+    ``[CLS] [SEP] [PAD]...`` (length L, from ``lidiff.data.text.null_tokens``), as a tuple.
+    """
+
+    transformer: nn.Module
+    null_tokens: tuple[int, ...]
+    kind = "text"
+    mode = "crossattn"
+
+    @property
+    def input_specs(self) -> Specs:
+        return {"tokens": ((len(self.null_tokens),), np.int32)}
+
+    def init(self, rng: jax.Array) -> dict:
+        return self.transformer.init(rng, jnp.zeros((1, len(self.null_tokens)), jnp.int32))["params"]
+
+    def encode(self, params: Any, inputs: Inputs) -> dict:
+        tokens = jnp.asarray(inputs["tokens"], jnp.int32)
+        return {"context": self.transformer.apply({"params": params}, tokens)}
+
+    def null_inputs(self, n: int) -> dict:
+        return {"tokens": jnp.tile(jnp.asarray(self.null_tokens, jnp.int32)[None], (n, 1))}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConditioning:
+    """Boxes with class ids -> layout tokens (``lidiff.models.layout``) -> a transformer -> context.
+
+    transformer: a ``TransformerEmbedder`` over the layout vocabulary (``vocab_size``) with ``max_seq_len``
+    ``3 * max_boxes``. The null input is "no boxes": zero boxes with every label -1.
+    """
+
+    transformer: nn.Module
+    num_classes: int
+    max_boxes: int
+    vocab_size: int
+    kind = "layout"
+    mode = "crossattn"
+
+    @property
+    def input_specs(self) -> Specs:
+        return {"boxes": ((self.max_boxes, 4), np.float32), "box_labels": ((self.max_boxes,), np.int32)}
+
+    def tokens(self, inputs: Inputs) -> jax.Array:
+        """[B, 3 * max_boxes] int32 layout tokens."""
+        return layout_tokens(inputs["boxes"], inputs["box_labels"], num_classes=self.num_classes,
+                             vocab_size=self.vocab_size)
+
+    def init(self, rng: jax.Array) -> dict:
+        return self.transformer.init(rng, self.tokens(self.null_inputs(1)))["params"]
+
+    def encode(self, params: Any, inputs: Inputs) -> dict:
+        return {"context": self.transformer.apply({"params": params}, self.tokens(inputs))}
+
+    def null_inputs(self, n: int) -> dict:
+        return {"boxes": jnp.zeros((n, self.max_boxes, 4), jnp.float32),
+                "box_labels": jnp.full((n, self.max_boxes), -1, jnp.int32)}
+
+
+def drop_to_null(encoder: Any, inputs: Inputs, drop: jax.Array) -> dict:
+    """``inputs`` with the rows where ``drop`` [B] bool is set replaced by the encoder's null input."""
+    if not encoder.input_specs:
+        return {}
+    null = encoder.null_inputs(drop.shape[0])
+
+    def pick(key: str) -> jax.Array:
+        value = jnp.asarray(inputs[key])
+        mask = drop.reshape(drop.shape + (1,) * (value.ndim - 1))
+        return jnp.where(mask, null[key].astype(value.dtype), value)
+
+    return {key: pick(key) for key in encoder.input_specs}
+
+
+def check_inputs(encoder: Any, inputs: Inputs, batch: int | None = None) -> None:
+    """Raises ValueError naming each raw input that is missing, unexpected or of the wrong shape/dtype kind.
+
+    inputs: host arrays [B, ...]; batch: the expected B (default: that of the first input).
+    """
+    specs = encoder.input_specs
+    missing = [k for k in specs if k not in inputs]
+    unexpected = [k for k in inputs if k not in specs]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if unexpected:
+        what = f"the model takes {', '.join(specs)}" if specs else "the model is unconditional"
+        problems.append(f"unexpected {', '.join(unexpected)} ({what})")
+    for key, (shape, dtype) in specs.items():
+        if key not in inputs:
+            continue
+        value = np.asarray(inputs[key])
+        n = batch if batch is not None else value.shape[0] if value.ndim else None
+        if value.shape != (n,) + tuple(shape):
+            problems.append(f"{key} has shape {value.shape}, expected {(n,) + tuple(shape)} ([batch] + {shape})")
+        elif np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(value.dtype, np.integer):
+            problems.append(f"{key} has dtype {value.dtype}, expected integers")
+    if problems:
+        raise ValueError(f"{encoder.kind} conditioning inputs: " + "; ".join(problems))

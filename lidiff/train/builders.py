@@ -57,24 +57,11 @@ def build_lpips(dtype: jnp.dtype = jnp.float32):
     return LPIPS(dtype=dtype)
 
 
-def build_unet(model: ConfigDict, conditioning: ConfigDict, dtype: jnp.dtype = jnp.float32):
-    """``config.diffusion.model`` (+ conditioning) -> ``UNetModel``."""
+def build_unet(model: ConfigDict, num_classes: int | None = None, dtype: jnp.dtype = jnp.float32):
+    """``config.diffusion.model`` -> ``UNetModel``; ``num_classes``: rows of ``label_emb`` (``adm`` mode), or None.
+    The conditioning settings are checked against the UNet by ``lidiff.train.conditioning.check_conditioning``."""
     from lidiff.models.unet import UNetModel
 
-    context_dim = model.context_dim or None
-    if conditioning.kind == "class":
-        if not model.use_spatial_transformer:
-            raise ConfigError(
-                "config.diffusion.conditioning.kind='class' feeds the class embedding through cross-attention: "
-                "set config.diffusion.model.use_spatial_transformer=True"
-            )
-        if context_dim != conditioning.embed_dim:
-            raise ConfigError(
-                f"config.diffusion.model.context_dim ({model.context_dim}) must equal "
-                f"config.diffusion.conditioning.embed_dim ({conditioning.embed_dim})"
-            )
-    elif conditioning.kind != "none":
-        raise ConfigError(f"unknown config.diffusion.conditioning.kind {conditioning.kind!r}; choose 'none' or 'class'")
     return UNetModel(
         in_channels=model.in_channels,
         out_channels=model.out_channels,
@@ -90,23 +77,10 @@ def build_unet(model: ConfigDict, conditioning: ConfigDict, dtype: jnp.dtype = j
         resblock_updown=model.resblock_updown,
         use_spatial_transformer=model.use_spatial_transformer,
         transformer_depth=model.transformer_depth,
-        context_dim=context_dim,
+        context_dim=model.context_dim or None,
         use_linear_in_transformer=model.use_linear_in_transformer,
+        num_classes=num_classes,
         dtype=dtype,
         attention_kernel=model.attention_kernel,
         remat=model.remat,
     )
-
-
-def build_conditioning(conditioning: ConfigDict, dtype: jnp.dtype = jnp.float32):
-    """``config.diffusion.conditioning`` -> the label encoder, or None for unconditional models.
-
-    Class conditioning keeps one extra row, index ``num_classes``, as the null label for guidance.
-    """
-    if conditioning.kind == "none":
-        return None
-    from lidiff.models.conditioning import ClassEmbedder
-
-    if conditioning.num_classes <= 0:
-        raise ConfigError("config.diffusion.conditioning.num_classes must be > 0 for kind='class'")
-    return ClassEmbedder(embed_dim=conditioning.embed_dim, n_classes=conditioning.num_classes + 1, dtype=dtype)

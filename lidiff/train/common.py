@@ -41,11 +41,25 @@ def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
     return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
 
 
-def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
+def make_loader(data: ConfigDict, global_batch_size: int, seed: int, fields=None):
     """The data loader for this process's share of each global batch, from ``config.data``. A source that
-    cannot be built (missing folder, no images, unknown tfds feature, ...) is a ``UserError`` naming it."""
+    cannot be built (missing folder, no images, unknown tfds feature, ...) is a ``UserError`` naming it.
+
+    ``fields``: what each row holds besides the image (``lidiff.data.fields``, e.g. ``fields_for("text", ...)``);
+    None: the class label when the source has classes."""
+    return _user_errors(_make_loader, data, global_batch_size, seed, fields)
+
+
+def make_source_from_config(data: ConfigDict, seed: int):
+    """The random-access source ``config.data`` describes (for the loader and the latent cache builder); a source
+    that cannot be built is a ``UserError`` naming it."""
+    return _user_errors(_make_source, data, seed)
+
+
+def _user_errors(fn: Callable, *args):
+    """``fn(*args)``, with a source's own exceptions turned into ``UserError``s that keep its message."""
     try:
-        return _make_loader(data, global_batch_size, seed)
+        return fn(*args)
     except UserError:
         raise
     except (FileNotFoundError, NotADirectoryError) as e:  # the source's own message names the path
@@ -54,8 +68,17 @@ def make_loader(data: ConfigDict, global_batch_size: int, seed: int):
         raise ConfigError(f"config.data: {e}") from e
 
 
-def _make_loader(data: ConfigDict, global_batch_size: int, seed: int):
-    from lidiff.data.pipeline import DataLoader
+SOURCE_KINDS = ("folder", "tfds", "digits", "synthetic", "captioned_folder", "caption_manifest", "tfds_captions",
+                "digits_captions", "coco_layout", "digits_layout")
+
+
+def _require(data: ConfigDict, name: str, why: str, example: str) -> None:
+    if not data[name]:
+        raise ConfigError(f"config.data.{name} is empty: {why}, e.g. --config.data.{name}={example}")
+
+
+def _make_source(data: ConfigDict, seed: int):
+    from lidiff.data import captions, layouts
     from lidiff.data.sources import make_source
 
     kind = data.source
@@ -66,11 +89,11 @@ def _make_loader(data: ConfigDict, global_batch_size: int, seed: int):
                 "--config.data.path=/data/celebahq256 (or use --config.data.source=tfds with "
                 "--config.data.tfds_name=...)"
             )
-        source = make_source("folder", path=data.path, class_from_subdir=data.class_from_subdir)
-    elif kind == "tfds":
+        return make_source("folder", path=data.path, class_from_subdir=data.class_from_subdir)
+    if kind == "tfds":
         if not data.tfds_name:
             raise ConfigError("config.data.tfds_name is empty: name a tfds dataset, e.g. celeb_a_hq/256")
-        source = make_source(
+        return make_source(
             "tfds",
             name=data.tfds_name,
             split=data.split,
@@ -79,20 +102,55 @@ def _make_loader(data: ConfigDict, global_batch_size: int, seed: int):
             image_key=data.image_key,
             label_key=data.label_key or None,
         )
-    elif kind == "digits":
-        source = make_source("digits")
-    elif kind == "synthetic":
-        source = make_source(
+    if kind == "digits":
+        return make_source("digits")
+    if kind == "synthetic":
+        return make_source(
             "synthetic",
             num_examples=data.num_examples,
             resolution=data.resolution,
             num_classes=data.num_classes or None,
             seed=seed,
         )
-    else:
-        raise ConfigError(f"unknown config.data.source {kind!r}; choose folder, tfds, digits or synthetic")
+    if kind == "captioned_folder":
+        _require(data, "path", "point it at a folder of images, each with a <stem>.txt caption next to it",
+                 "/data/captioned_photos")
+        return captions.CaptionedFolderSource(data.path)
+    if kind == "caption_manifest":
+        _require(data, "path", 'point it at a .jsonl of {"image": path, "caption": text} lines or a .csv with '
+                 "image,caption columns", "/data/captions.jsonl")
+        return captions.CaptionManifestSource(data.path)
+    if kind == "tfds_captions":
+        _require(data, "tfds_name", "name a tfds dataset with a text feature", "coco_captions")
+        _require(data, "caption_key", "name the text feature ('/' into nested features)", "captions/text")
+        return captions.TfdsCaptionSource(
+            name=data.tfds_name,
+            split=data.split,
+            image_key=data.image_key,
+            caption_key=data.caption_key,
+            data_dir=data.data_dir or None,
+            manual_dir=data.manual_dir or None,
+            label_key=data.label_key or None,
+        )
+    if kind == "digits_captions":
+        return captions.DigitsCaptionSource(seed=seed)
+    if kind == "coco_layout":
+        _require(data, "annotation_json", "point it at a COCO instances JSON",
+                 "/data/coco/annotations/instances_train2017.json")
+        _require(data, "path", "point it at the folder the JSON's file_name paths are relative to",
+                 "/data/coco/train2017")
+        return layouts.CocoLayoutSource(data.annotation_json, data.path, max_boxes=data.max_boxes or None)
+    if kind == "digits_layout":
+        return layouts.DigitsLayoutSource(num_examples=data.num_examples, canvas=data.resolution, seed=seed,
+                                          max_digits=data.max_boxes or 3)
+    raise ConfigError(f"unknown config.data.source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")
+
+
+def _make_loader(data: ConfigDict, global_batch_size: int, seed: int, fields=None):
+    from lidiff.data.pipeline import DataLoader
+
     return DataLoader(
-        source,
+        _make_source(data, seed),
         global_batch_size=global_batch_size,
         resolution=data.resolution,
         random_flip=data.random_flip,
@@ -100,6 +158,7 @@ def _make_loader(data: ConfigDict, global_batch_size: int, seed: int):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_threads=data.num_threads,
+        fields=fields,
     )
 
 

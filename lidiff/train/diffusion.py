@@ -1,14 +1,16 @@
-"""Stage 2: train the latent diffusion UNet on latents of the frozen first stage.
+"""Stage 2: train the latent diffusion UNet (and a trainable conditioning encoder) on first-stage latents.
 
-Per step (one jitted, sharded function): latents = first_stage(x) * scale_factor (KL: a posterior sample;
-VQ: the pre-quantisation latent; or read from the latent cache), class labels replaced by the null label with
-probability ``p_uncond``, the denoising loss of ``lidiff.losses.diffusion`` on uniform timesteps, AdamW with the
-configured learning rate (optional linear warm-up and clipping), and the EMA update (CompVis warm-up) of the
-UNet and conditioning params. ``scale_factor`` lives in the train state, so a resumed run never recomputes it.
+Per step (``train_step``, one jitted, sharded function): latents = a sample of the frozen first stage's posterior
+(KL; VQ: its pre-quantisation latent), computed from the images or read from the latent cache, times
+``scale_factor``; each row's conditioning inputs replaced by the encoder's null input with probability
+``p_uncond``; the denoising loss of ``lidiff.losses.diffusion`` on uniform timesteps; AdamW with the configured
+learning rate (optional linear warm-up and clipping); and the EMA update (CompVis warm-up) of the UNet and encoder
+params. ``scale_factor`` lives in the train state, so a resumed run never recomputes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -21,21 +23,23 @@ import optax
 from absl import logging
 from ml_collections import ConfigDict
 
-from lidiff import parallel
+from lidiff import parallel, runs
 from lidiff.checkpoint import Checkpointer
-from lidiff.errors import ConfigError, MissingInputError, UserError
 from lidiff.diffusion.schedule import DiffusionSchedule
+from lidiff.errors import ConfigError, MissingInputError, UserError
+from lidiff.ldm import FirstStage, LatentDiffusion, posterior_arrays, posterior_from_arrays, to_uint8
 from lidiff.losses.diffusion import diffusion_loss
 from lidiff.metrics.writers import MetricWriter, image_grid, save_samples
+from lidiff.models.conditioning import drop_to_null
 from lidiff.train import builders
+from lidiff.train import conditioning as conditioning_setup
 from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
                                  run_once)
 from lidiff.train.evaluator import generate_for_eval, make_fid_evaluator
-from lidiff.train.first_stage import FirstStage, load_first_stage
-from lidiff.train.generate import LatentDiffusion, to_uint8
 from lidiff.train.loop import LoopSettings, train_loop
 
 STAGE = "diffusion"
+ENCODING_KEYS = ("mean", "logvar")  # a cached posterior (lidiff.ldm.posterior_arrays)
 
 
 @flax.struct.dataclass
@@ -49,6 +53,27 @@ class DiffusionState:
     scale_factor: jax.Array  # [] float32: latents are multiplied by this before diffusion
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static settings of ``train_step`` (bound with ``functools.partial`` before jit)."""
+
+    seed: int
+    p_uncond: float  # probability of replacing a row's conditioning by the null input
+    parameterization: str  # eps | x0 | v
+    loss_type: str  # l2 | l1
+    min_snr_gamma: float | None
+    ema_decay: float
+    ema_warmup: bool
+    dropout: bool  # whether the UNet's dropout is on
+
+    @classmethod
+    def from_config(cls, stage: ConfigDict, seed: int) -> "StepSettings":
+        return cls(seed=seed, p_uncond=float(stage.conditioning.p_uncond),
+                   parameterization=stage.process.parameterization, loss_type=stage.process.loss_type,
+                   min_snr_gamma=stage.process.min_snr_gamma or None, ema_decay=stage.train.ema_decay,
+                   ema_warmup=stage.train.ema_warmup, dropout=stage.model.dropout > 0)
+
+
 def make_optimizer(optim: ConfigDict) -> optax.GradientTransformation:
     """AdamW at exactly ``optim.learning_rate`` (after an optional linear warm-up from 0), optional clipping."""
     lr: Any = optim.learning_rate
@@ -60,33 +85,88 @@ def make_optimizer(optim: ConfigDict) -> optax.GradientTransformation:
     return adamw
 
 
-class DiffusionTrainer:
-    """Modules, schedule and optimizer of stage 2, with its pure init and step functions."""
+def unscaled_latents(ldm: LatentDiffusion, batch: dict, first_stage_params: Any, rng: jax.Array) -> jax.Array:
+    """Latents [B, h, w, c] of a batch's images (``"image"``) or cached posteriors (``"mean"``[, ``"logvar"``]):
+    a posterior sample (KL) or the pre-quantisation latent (VQ), unscaled, without gradient."""
+    if "image" in batch:
+        posterior = ldm.first_stage.encode(first_stage_params, batch["image"])
+    else:
+        posterior = posterior_from_arrays({k: batch[k] for k in ENCODING_KEYS if k in batch})
+    return jax.lax.stop_gradient(posterior.sample(rng))
 
-    def __init__(self, stage: ConfigDict, first_stage: FirstStage, seed: int):
+
+def conditioning_inputs(ldm: LatentDiffusion, batch: dict, p_uncond: float, rng: jax.Array) -> dict:
+    """The batch's raw conditioning inputs, each row replaced by the null input with probability ``p_uncond``."""
+    inputs = {k: batch[k] for k in ldm.conditioner.input_specs}
+    if not inputs or p_uncond <= 0:
+        return inputs
+    rows = next(iter(inputs.values())).shape[0]
+    return drop_to_null(ldm.conditioner, inputs, jax.random.uniform(rng, (rows,)) < p_uncond)
+
+
+def train_step(state: DiffusionState, batch: dict, first_stage_params: Any, *, ldm: LatentDiffusion,
+               tx: optax.GradientTransformation, settings: StepSettings) -> tuple[DiffusionState, dict]:
+    """One AdamW + EMA update.
+
+    batch: ``{"image": [B, R, R, 3]}`` or a cached posterior ``{"mean", "logvar"?: [B, h, w, c]}``, plus the
+    encoder's raw inputs (``label`` [B] / ``tokens`` [B, L] / ``boxes`` [B, K, 4] and ``box_labels`` [B, K]).
+    """
+    rng = jax.random.fold_in(jax.random.PRNGKey(settings.seed), state.step)
+    k_latent, k_loss, k_drop, k_uncond = jax.random.split(rng, 4)
+    z = unscaled_latents(ldm, batch, first_stage_params, k_latent) * state.scale_factor
+    inputs = conditioning_inputs(ldm, batch, settings.p_uncond, k_uncond)
+
+    def loss_fn(params):
+        cond = ldm.encode_condition(params, inputs)
+        model_fn = lambda x_t, t: ldm.apply_model(  # noqa: E731
+            params, x_t, t, cond, deterministic=not settings.dropout, dropout_rng=k_drop)
+        return diffusion_loss(model_fn, ldm.schedule, z, k_loss, parameterization=settings.parameterization,
+                              loss_type=settings.loss_type, min_snr_gamma=settings.min_snr_gamma)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, settings.ema_decay, settings.ema_warmup)
+    ema = ema_update(state.ema_params, params, decay)
+    metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads), "ema_decay": decay,
+               "latent_std": jnp.std(z)}
+    return DiffusionState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                          scale_factor=state.scale_factor), metrics
+
+
+class DiffusionTrainer:
+    """Stage 2 built from its config: the model (``ldm``), the optimizer and the step settings.
+
+    ``train_step`` is the module-level ``train_step`` with these bound; ``init_state`` makes a fresh state.
+    tokenizer: the text model's tokenizer (``lidiff.train.conditioning.prepare_tokenizer``), else None.
+    """
+
+    def __init__(self, stage: ConfigDict, first_stage: FirstStage, seed: int, tokenizer: Any = None):
         self.cfg = stage
-        self.dtype = compute_dtype(stage.train.dtype)
+        dtype = compute_dtype(stage.train.dtype)
         self.first_stage = first_stage
+        self.tokenizer = tokenizer
         if stage.model.in_channels != first_stage.latent_channels:
             raise ConfigError(
                 f"config.diffusion.model.in_channels ({stage.model.in_channels}) != the first stage's latent "
                 f"channels ({first_stage.latent_channels}); set them equal"
             )
+        conditioning_setup.check_conditioning(stage.conditioning, stage.model)
         self.ldm = LatentDiffusion(
-            unet=builders.build_unet(stage.model, stage.conditioning, self.dtype),
-            cond_model=builders.build_conditioning(stage.conditioning, self.dtype),
+            unet=builders.build_unet(stage.model, conditioning_setup.unet_num_classes(stage.conditioning), dtype),
+            conditioner=conditioning_setup.build_conditioner(stage.conditioning, dtype, tokenizer),
             schedule=DiffusionSchedule.create(stage.process.schedule, stage.process.num_timesteps,
                                               stage.process.linear_start, stage.process.linear_end),
             parameterization=stage.process.parameterization,
             first_stage=first_stage,
-            null_label=stage.conditioning.num_classes if stage.conditioning.kind == "class" else None,
         )
         self.tx = make_optimizer(stage.optim)
-        self.seed_key = jax.random.PRNGKey(seed)
+        self.settings = StepSettings.from_config(stage, seed)
+        self.train_step = functools.partial(train_step, ldm=self.ldm, tx=self.tx, settings=self.settings)
 
     @property
     def conditional(self) -> bool:
-        return self.ldm.cond_model is not None
+        return self.ldm.conditional
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         f = self.first_stage.downsample_factor
@@ -99,68 +179,33 @@ class DiffusionTrainer:
                               ema_params=ema, scale_factor=jnp.asarray(scale_factor, jnp.float32))
 
     def latents(self, batch: dict, first_stage_params: Any, rng: jax.Array) -> jax.Array:
-        """Unscaled latents [B, h, w, c] of a batch of images or of cached encodings."""
-        if "image" in batch:
-            encoding = self.first_stage.encode(first_stage_params, batch["image"])
-        else:
-            encoding = {k: batch[k] for k in ("mean", "logvar", "latent") if k in batch}
-        return jax.lax.stop_gradient(self.first_stage.latent_from_encoding(encoding, rng))
-
-    def scaled_latents(self, batch: dict, first_stage_params: Any, scale_factor: jax.Array,
-                       rng: jax.Array) -> jax.Array:
-        """What the UNet learns to generate: ``latents(...) * scale_factor``, [B, h, w, c] float32."""
-        return self.latents(batch, first_stage_params, rng) * scale_factor
-
-    def train_step(self, state: DiffusionState, batch: dict, first_stage_params: Any):
-        """One AdamW + EMA update. batch: {"image": [B,R,R,3]} or cached encodings, plus "label" [B] if conditional."""
-        c = self.cfg
-        rng = jax.random.fold_in(self.seed_key, state.step)
-        k_latent, k_loss, k_drop, k_uncond = jax.random.split(rng, 4)
-        z = self.scaled_latents(batch, first_stage_params, state.scale_factor, k_latent)
-        cond = None
-        if self.conditional:
-            labels = batch["label"].astype(jnp.int32)
-            if c.conditioning.p_uncond > 0:
-                drop = jax.random.uniform(k_uncond, labels.shape) < c.conditioning.p_uncond
-                labels = jnp.where(drop, self.ldm.null_label, labels)
-            cond = {"label": labels}
-        deterministic = c.model.dropout == 0
-
-        def loss_fn(params):
-            model_fn = lambda x_t, t: self.ldm.apply_model(  # noqa: E731
-                params, x_t, t, cond, deterministic=deterministic, dropout_rng=k_drop)
-            return diffusion_loss(model_fn, self.ldm.schedule, z, k_loss, parameterization=c.process.parameterization,
-                                  loss_type=c.process.loss_type, min_snr_gamma=c.process.min_snr_gamma or None)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(state.step, c.train.ema_decay, c.train.ema_warmup)
-        ema = ema_update(state.ema_params, params, decay)
-        metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads), "ema_decay": decay,
-                   "latent_std": jnp.std(z)}
-        return DiffusionState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                              scale_factor=state.scale_factor), metrics
+        """Unscaled latents [B, h, w, c] of a batch of images or of cached posteriors."""
+        return unscaled_latents(self.ldm, batch, first_stage_params, rng)
 
 
-def _batch_keys(batch: dict, conditional: bool) -> tuple[str, ...]:
-    keys = tuple(k for k in ("image", "mean", "logvar", "latent") if k in batch)
-    return keys + (("label",) if conditional else ())
+def data_fields(config: ConfigDict, tokenizer: Any) -> list:
+    """What the loader carries per row besides the image: the conditioning encoder's raw inputs."""
+    from lidiff.data.fields import fields_for
+
+    cond = config.diffusion.conditioning
+    return fields_for(cond.kind, tokenizer=tokenizer, max_length=cond.max_length, max_boxes=cond.max_boxes)
 
 
-def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, workdir: str, mesh) -> str:
-    """Builds the latent cache once (if missing) and returns its path."""
+def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, workdir: str, mesh,
+                   fields: list) -> str:
+    """Builds the latent cache once (if missing) and returns its path. It holds each example's posterior
+    (``lidiff.ldm.posterior_arrays``) and its conditioning inputs (``fields``)."""
     from lidiff.data.latents import build_latent_cache
 
     c = config.diffusion.latent_cache
-    path = c.path or os.path.join(workdir, STAGE, "latents.npz")
+    path = c.path or runs.latent_cache_path(workdir)
     if os.path.exists(path):
         return path
     if config.data.random_flip:
         raise ConfigError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
                          "turn one of them off")
-    loader = make_loader(config.data, config.diffusion.train.batch_size, config.seed)
-    encode = jax.jit(trainer.first_stage.encode)
+    loader = make_loader(config.data, config.diffusion.train.batch_size, config.seed, fields=fields)
+    encode = jax.jit(lambda params, x: posterior_arrays(trainer.first_stage.encode(params, x)))
     batch_size = config.diffusion.train.batch_size
 
     def encode_host(images: np.ndarray) -> dict:
@@ -170,7 +215,8 @@ def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any
     if jax.process_count() > 1:
         raise NotImplementedError("building the latent cache needs a single process; build it once, then train "
                                   "multi-host with config.diffusion.latent_cache.path pointing at it")
-    build_latent_cache(loader.source, encode_host, path, resolution=config.data.resolution, batch_size=batch_size)
+    build_latent_cache(loader.source, encode_host, path, resolution=config.data.resolution, batch_size=batch_size,
+                       fields=fields)
     loader.close()
     return path
 
@@ -198,7 +244,7 @@ def load_inputs(config: ConfigDict, workdir: str) -> tuple[FirstStage, Any]:
     """The frozen first stage, failing before anything compiles. When it is missing, the data is checked too,
     so that one message names everything the user has to provide (data first: stage 1 needs it as well)."""
     try:
-        return load_first_stage(config, workdir)
+        return runs.load_first_stage(config, workdir)
     except MissingInputError as missing_first_stage:
         data_problem = _data_problem(config)
         if data_problem is None:
@@ -214,35 +260,47 @@ def checkpoint_meta(config: ConfigDict, scale_factor: float) -> dict:
     return {"stage": STAGE, "scale_factor": float(scale_factor), "config": config.to_json()}
 
 
+def _open_loader(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, workdir: str, mesh, fields: list):
+    """The training batches: cached posteriors (built once) or images, with the encoder's raw inputs."""
+    stage = config.diffusion
+    if stage.latent_cache.enabled:
+        from lidiff.data.latents import CachedLatentLoader
+
+        path = _prepare_cache(config, trainer, fs_params, workdir, mesh, fields)
+        return CachedLatentLoader(path, global_batch_size=stage.train.batch_size, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  required=tuple(trainer.ldm.conditioner.input_specs))
+    loader = make_loader(config.data, stage.train.batch_size, config.seed, fields=fields)
+    missing = [k for k in trainer.ldm.conditioner.input_specs if k not in loader.field_names]
+    if missing:
+        raise ConfigError(f"conditioning.kind={stage.conditioning.kind!r} needs {', '.join(missing)} from the data, "
+                          f"but config.data.source={config.data.source!r} gives none (for class labels set "
+                          "data.label_key or data.class_from_subdir, or use a labelled source)")
+    return loader
+
+
 def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     """Trains stage 2 into ``<workdir>/diffusion`` (resuming from its latest checkpoint when there is one)."""
     stage = config.diffusion
     mesh = parallel.make_mesh()
     parallel.check_batch_size(stage.train.batch_size, mesh, "config.diffusion.train.batch_size")
+    conditioning_setup.check_conditioning(stage.conditioning, stage.model)
     first_stage, fs_params = load_inputs(config, workdir)
     fs_params = parallel.put_replicated(fs_params, mesh)
-    trainer = DiffusionTrainer(stage, first_stage, config.seed)
-    if trainer.conditional and stage.conditioning.num_classes <= 0:
-        raise ConfigError("class conditioning needs config.diffusion.conditioning.num_classes > 0")
+    tokenizer = conditioning_setup.prepare_tokenizer(config, workdir, captions=functools.partial(
+        _training_captions, config))
+    trainer = DiffusionTrainer(stage, first_stage, config.seed, tokenizer)
+    fields = data_fields(config, tokenizer)
+    loader = _open_loader(config, trainer, fs_params, workdir, mesh, fields)
     directory = os.path.join(workdir, STAGE)
-    if stage.latent_cache.enabled:
-        from lidiff.data.latents import CachedLatentLoader
-
-        path = _prepare_cache(config, trainer, fs_params, workdir, mesh)
-        loader = CachedLatentLoader(path, global_batch_size=stage.train.batch_size, seed=config.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    else:
-        loader = make_loader(config.data, stage.train.batch_size, config.seed)
-    if trainer.conditional and not getattr(loader, "has_labels", False):
-        raise ConfigError("conditioning.kind='class' but the data has no labels (set data.label_key, "
-                         "data.class_from_subdir, or use a labelled source)")
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
     rep = parallel.replicated(mesh)
     latent_shape = trainer.latent_shape(config.data.resolution)
     init = lambda key, scale, shape: run_once(functools.partial(trainer.init_state, latent_shape=shape), rep,  # noqa: E731
                                               key, scale)
     first_batch = loader.batch_at(0)
-    keys = _batch_keys(first_batch, trainer.conditional)
+    encoding_keys = tuple(k for k in ("image",) + ENCODING_KEYS if k in first_batch)
+    keys = encoding_keys + tuple(trainer.ldm.conditioner.input_specs)
     start = 0
     if checkpointer.latest_step() is not None:
         state = init(jax.random.PRNGKey(config.seed), jnp.float32(1.0), latent_shape)
@@ -260,7 +318,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     else:
         scale = stage.first_stage.scale_factor
         if stage.first_stage.scale_by_std:
-            batch = parallel.global_batch({k: first_batch[k] for k in keys if k != "label"}, mesh)
+            batch = parallel.global_batch({k: first_batch[k] for k in encoding_keys}, mesh)
             z = jax.jit(trainer.latents)(batch, fs_params, jax.random.PRNGKey(config.seed))
             scale = float(1.0 / np.std(np.asarray(z), ddof=1))
             logging.info("diffusion: scale_factor = 1/std of the first batch's latents = %.6g", scale)
@@ -268,18 +326,18 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("diffusion: %.2fM params, latents %s x scale_factor %.6g, %d devices, global batch %d",
                  n_params / 1e6, latent_shape, float(state.scale_factor), mesh.devices.size, stage.train.batch_size)
-    num_classes = stage.conditioning.num_classes if trainer.conditional else 0
-    evaluate = make_fid_evaluator(stage.eval, generate_for_eval(trainer, fs_params, latent_shape, stage.eval,
-                                                                num_classes))  # its files checked before compiling
+    eval_inputs = lambda num: conditioning_setup.sample_inputs(config, num, tokenizer, seed=config.seed)[0]  # noqa: E731
+    evaluate = make_fid_evaluator(stage.eval, generate_for_eval(trainer.ldm, fs_params, latent_shape, stage.eval,
+                                                                eval_inputs))  # its files checked before compiling
     example = {k: np.zeros((stage.train.batch_size,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
     step_fn, _ = compile_step(trainer.train_step, mesh, state, example, fs_params, name=STAGE)
 
     s = stage.sample
-    grid_labels = (np.arange(s.num_images) % stage.conditioning.num_classes) if trainer.conditional else None
+    grid_inputs, _ = conditioning_setup.sample_inputs(config, s.num_images, tokenizer, seed=config.seed)
 
     def images(state: DiffusionState, batch: dict) -> dict[str, np.ndarray]:
         x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed),
-                                 num=s.num_images, latent_shape=latent_shape, labels=grid_labels,
+                                 num=s.num_images, latent_shape=latent_shape, inputs=grid_inputs,
                                  sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
         return {"samples_ema": image_grid(to_uint8(x))}
 
@@ -298,18 +356,34 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     return state
 
 
+def _training_captions(config: ConfigDict) -> list[str]:
+    """Every caption of the training source (to train a WordPiece vocabulary on)."""
+    loader = make_loader(config.data, config.diffusion.train.batch_size, config.seed, fields=[])
+    try:
+        if not hasattr(loader.source, "captions"):
+            raise ConfigError(f"config.data.source={config.data.source!r} has no captions to build a vocabulary "
+                              "from; use a captioned source or set config.diffusion.conditioning.tokenizer")
+        return loader.source.captions()
+    finally:
+        loader.close()
+
+
 def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: DiffusionState, fs_params: Any,
                         latent_shape: tuple[int, int, int], workdir: str) -> str:
-    """Samples ``final_samples_per_class`` images per class (or that many unconditional ones) with the EMA
-    params into ``<workdir>/samples.npz`` and ``<workdir>/samples_grid.png``."""
+    """Samples ``final_samples_per_class`` images per class / prompt / layout (or that many unconditional ones)
+    with the EMA params into ``<workdir>/samples.npz`` (with the conditioning) and ``<workdir>/samples_grid.png``
+    (one row per class / prompt / layout)."""
     s = config.diffusion.sample
-    n_classes = config.diffusion.conditioning.num_classes if trainer.conditional else 0
-    labels = np.repeat(np.arange(n_classes), s.final_samples_per_class) if n_classes else None
-    num = len(labels) if labels is not None else s.final_samples_per_class
+    groups = conditioning_setup.num_groups(config)
+    inputs, record = conditioning_setup.sample_inputs(config, groups, trainer.tokenizer, seed=config.seed + 1)
+    repeat = lambda tree: {k: np.repeat(v, s.final_samples_per_class, axis=0) for k, v in tree.items()}  # noqa: E731
+    inputs, record = repeat(inputs), repeat(record)
+    num = groups * s.final_samples_per_class
     x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed + 1),
-                             num=num, latent_shape=latent_shape, labels=labels, sampler=s.sampler, steps=s.steps,
+                             num=num, latent_shape=latent_shape, inputs=inputs, sampler=s.sampler, steps=s.steps,
                              eta=s.eta, guidance_scale=s.guidance_scale)
-    path = save_samples(workdir, to_uint8(x), labels, write_pngs=False,
-                        grid_cols=s.final_samples_per_class if n_classes else None)
+    labels = record.pop("labels", None)
+    path = save_samples(workdir, to_uint8(x), labels, write_pngs=False, conditioning=record,
+                        grid_cols=s.final_samples_per_class if trainer.conditional else None)
     logging.info("wrote %d samples to %s", num, path)
     return path

@@ -73,17 +73,17 @@ def make_fid_evaluator(eval_cfg: ConfigDict, generate: Callable[[Any, int, int],
     return evaluate
 
 
-def generate_for_eval(trainer: Any, fs_params: Any, latent_shape: tuple[int, int, int], eval_cfg: ConfigDict,
-                      num_classes: int) -> Callable[[Any, int, int], np.ndarray]:
-    """``(state, num, seed) -> uint8 images``: EMA samples with the eval section's sampler, classes round-robin."""
-    from lidiff.train.generate import to_uint8
+def generate_for_eval(ldm: Any, fs_params: Any, latent_shape: tuple[int, int, int], eval_cfg: ConfigDict,
+                      inputs: Callable[[int], dict]) -> Callable[[Any, int, int], np.ndarray]:
+    """``(state, num, seed) -> uint8 images``: EMA samples with the eval section's sampler, conditioned on
+    ``inputs(num)`` (classes round-robin, the configured prompts or layouts)."""
+    from lidiff.ldm import to_uint8
 
     def generate(state: Any, num: int, seed: int) -> np.ndarray:
-        labels = np.arange(num) % num_classes if num_classes else None
-        x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(seed),
-                                 num=num, latent_shape=latent_shape, labels=labels, sampler=eval_cfg.sampler,
-                                 steps=None if eval_cfg.sampler == "ddpm" else eval_cfg.steps, eta=eval_cfg.eta,
-                                 guidance_scale=eval_cfg.guidance_scale, batch_size=min(num, eval_cfg.batch_size))
+        x = ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(seed),
+                         num=num, latent_shape=latent_shape, inputs=inputs(num), sampler=eval_cfg.sampler,
+                         steps=None if eval_cfg.sampler == "ddpm" else eval_cfg.steps, eta=eval_cfg.eta,
+                         guidance_scale=eval_cfg.guidance_scale, batch_size=min(num, eval_cfg.batch_size))
         return to_uint8(x)
 
     return generate

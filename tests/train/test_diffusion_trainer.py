@@ -31,7 +31,8 @@ from lidiff.train.autoencoder import AutoencoderTrainer
 from lidiff.train.autoencoder import checkpoint_meta as ae_checkpoint_meta
 from lidiff.train.common import compile_step, make_loader
 from lidiff.train.diffusion import DiffusionTrainer, make_optimizer, train_diffusion, write_final_samples
-from lidiff.train.first_stage import FirstStage, load_first_stage
+from lidiff.ldm import FirstStage, posterior_arrays
+from lidiff.runs import load_first_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RES, BATCH, CLASSES, LATENT_CH = 16, 8, 3, 2
@@ -271,17 +272,17 @@ def test_kl_latents_are_posterior_samples_times_scale(first_stage, steppers):
     step, state = steppers[0][0.0], steppers[1]
     trainer = step.trainer
     x = jax.random.uniform(jax.random.PRNGKey(3), (BATCH, RES, RES, 3), minval=-1.0, maxval=1.0)
-    enc = jax.jit(fs.encode)(fs_params, x)
+    enc = jax.jit(lambda p, x: posterior_arrays(fs.encode(p, x)))(fs_params, x)
     mean, std = np.asarray(enc["mean"]), np.exp(0.5 * np.asarray(enc["logvar"]))
     assert std.min() > 1e-3  # the posterior is not a point mass, so sampling is visible
     scale, n = 1.7, 4000
-    latents = jax.jit(trainer.scaled_latents)
+    latents = jax.jit(lambda batch, p, scale, k: trainer.latents(batch, p, k) * scale)
     key = jax.random.PRNGKey(4)
     # from images = from their encoding, for the same key
     np.testing.assert_allclose(np.asarray(latents({"image": x}, fs_params, scale, key)),
                                np.asarray(latents(enc, fs_params, scale, key)), rtol=1e-5, atol=1e-6)
     keys = jax.random.split(key, n)
-    draws = np.asarray(jax.jit(jax.vmap(lambda k: trainer.scaled_latents(enc, fs_params, scale, k)))(keys))
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: trainer.latents(enc, fs_params, k) * scale))(keys))
     assert np.abs(draws[0] - draws[1]).max() > 1e-3  # fresh noise per key
     np.testing.assert_array_less(np.abs(draws.mean(0) - scale * mean), 5 * scale * std / np.sqrt(n))
     np.testing.assert_allclose(draws.std(0), scale * std, rtol=0.1)
@@ -300,10 +301,10 @@ def test_vq_latents_are_prequantisation_times_scale():
     @jax.jit
     def run(x):
         params = model.init(jax.random.PRNGKey(6), x)["params"]
-        z = trainer.scaled_latents({"image": x}, params, 0.5, jax.random.PRNGKey(0))
+        z = trainer.latents({"image": x}, params, jax.random.PRNGKey(0)) * 0.5
         pre = model.apply({"params": params}, x, method=lambda m, x: m.quant_conv(m.encoder(x)))
         z_q = model.apply({"params": params}, pre, method=lambda m, h: m.quantize_latent(h)[0])
-        z_cached = trainer.scaled_latents({"latent": pre}, params, 0.5, jax.random.PRNGKey(1))  # cache entry
+        z_cached = trainer.latents({"mean": pre}, params, jax.random.PRNGKey(1)) * 0.5  # cache entry (no logvar)
         return z, pre, z_q, z_cached
 
     z, pre, z_q, z_cached = host(run(x))
@@ -318,13 +319,14 @@ def test_latent_cache_holds_the_encoder_posterior(runs, run_trainer, first_stage
     path = os.path.join(runs["workdirs"]["straight"], "diffusion", "latents.npz")
     with np.load(path) as data:
         cached = {k: data[k] for k in data.files}
-    assert set(cached) == {"mean", "logvar", "label"}
+    assert set(cached) == {"mean", "logvar", "label", "_fields"}
+    assert list(cached["_fields"]) == ["label"]
     assert cached["mean"].shape == (NUM_EXAMPLES,) + LATENT_SHAPE
     loader = make_loader(config.data, BATCH, config.seed)
     source = loader.source
     images = np.stack([transforms.to_float(transforms.resize_center_crop(source[i]["image"], RES))
                        for i in range(NUM_EXAMPLES)])
-    enc = jax.jit(fs.encode)(fs_params, images)
+    enc = jax.jit(lambda p, x: posterior_arrays(fs.encode(p, x)))(fs_params, images)
     np.testing.assert_allclose(cached["mean"], np.asarray(enc["mean"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cached["logvar"], np.asarray(enc["logvar"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cached["label"], [source[i]["label"] for i in range(NUM_EXAMPLES)])
@@ -399,7 +401,7 @@ def embedding_rows_changed(state_before, state_after) -> np.ndarray:
 @pytest.mark.parametrize("p_uncond, moved", [(1.0, [False, False, False, True]), (0.0, [True, True, False, False])])
 def test_p_uncond_all_or_none(steppers, p_uncond, moved):
     step, state0 = steppers[0][p_uncond], steppers[1]
-    assert step.trainer.ldm.null_label == CLASSES
+    assert int(step.trainer.ldm.null_inputs(1)["label"][0]) == CLASSES
     state1, _ = step(state0, labelled_batch())
     np.testing.assert_array_equal(embedding_rows_changed(state0, state1), moved)
 
@@ -488,19 +490,10 @@ def test_celebahq_without_data_or_first_stage_says_how_to_fix_both(tmp_path):
     assert "compiled" not in err  # it stopped before compiling anything
 
 
-def unet_param_count(config: ConfigDict) -> int:
-    d = config.diffusion
-    unet = builders.build_unet(d.model, d.conditioning)
-    cond = builders.build_conditioning(d.conditioning)
-    f = 2 ** (len(config.autoencoder.model.ch_mult) - 1)
-    r = config.data.resolution // f
-    x = jax.ShapeDtypeStruct((1, r, r, d.model.in_channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    context = None
-    if cond is not None:
-        context = jax.ShapeDtypeStruct((1, 1, d.conditioning.embed_dim), jnp.float32)
-    shapes = jax.eval_shape(lambda x, t, c: unet.init(jax.random.PRNGKey(0), x, t, context=c), x, t, context)
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
+def unet_param_count(trainer: DiffusionTrainer, config: ConfigDict) -> int:
+    shape = trainer.latent_shape(config.data.resolution)
+    shapes = jax.eval_shape(lambda rng: trainer.ldm.init_params(rng, shape), jax.random.PRNGKey(0))
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["unet"]))
 
 
 @pytest.mark.parametrize("name, millions", [("celebahq_f4", (274.06, 274.06)), ("ffhq_f4", (274.06, 274.06)),
@@ -514,8 +507,8 @@ def test_shipped_stage2_configs_build(name, millions):
     first = builders.build_autoencoder(config.autoencoder.model)
     assert d.model.in_channels == d.model.out_channels == first.embed_dim
     assert config.data.resolution == config.autoencoder.model.resolution
-    DiffusionTrainer(d, FirstStage(model=first, kind=config.autoencoder.model.kind), seed=config.seed)
-    n = unet_param_count(config) / 1e6
+    trainer = DiffusionTrainer(d, FirstStage(model=first, kind=config.autoencoder.model.kind), seed=config.seed)
+    n = unet_param_count(trainer, config) / 1e6
     low, high = millions
     assert low <= round(n, 2) <= high, n
 
@@ -578,7 +571,7 @@ def test_sample_py_end_to_end_with_ema_params(runs, fs_workdir, ema_only_workdir
     # the raw params are zero, so these images can only come from the EMA params: compare with them here
     state = runs["states"]["straight"]
     expected = run_trainer.ldm.generate(state.ema_params, first_stage[1], state.scale_factor,
-                                        jax.random.PRNGKey(3), num=6, latent_shape=LATENT_SHAPE, labels=labels,
+                                        jax.random.PRNGKey(3), num=6, latent_shape=LATENT_SHAPE, inputs={"label": labels},
                                         sampler="ddim", steps=SAMPLE_STEPS, guidance_scale=2.0, batch_size=6,
                                         mesh=parallel.make_mesh(jax.devices()[:1]))  # sample.py has one device
     expected = np.clip(np.round((expected + 1.0) * 127.5), 0, 255)
@@ -616,7 +609,8 @@ def test_in_training_fid_scores_the_ema_samples(runs, run_trainer, first_stage, 
     features = rng.normal(size=(64, 2048))
     save_stats(str(tmp_path / "ref.npz"), FeatureStats(features.mean(0), np.cov(features, rowvar=False), 64))
     cfg = eval_config(reference_stats=str(tmp_path / "ref.npz"))
-    generate = generate_for_eval(run_trainer, first_stage[1], LATENT_SHAPE, cfg, CLASSES)
+    generate = generate_for_eval(run_trainer.ldm, first_stage[1], LATENT_SHAPE, cfg,
+                                 lambda n: {"label": np.arange(n) % CLASSES})
     evaluate = make_fid_evaluator(cfg, generate)
     state = runs["states"]["straight"]
     scalars = evaluate(state, 4)
@@ -684,7 +678,7 @@ def test_sharded_generate_gives_the_one_device_images(runs, run_trainer, first_s
     """The sampling batch split over 8 devices gives the 1-device images (noise included: random draws do not
     depend on the split), and a request that does not divide over the devices is padded, not refused."""
     state = runs["states"]["straight"]
-    kwargs = dict(num=8, latent_shape=LATENT_SHAPE, labels=np.arange(8) % CLASSES, sampler=sampler,
+    kwargs = dict(num=8, latent_shape=LATENT_SHAPE, inputs={"label": np.arange(8) % CLASSES}, sampler=sampler,
                   steps=SAMPLE_STEPS, eta=eta, guidance_scale=2.0, batch_size=8)
     one = parallel.make_mesh(jax.devices()[:1])
     eight = parallel.make_mesh()
@@ -695,5 +689,6 @@ def test_sharded_generate_gives_the_one_device_images(runs, run_trainer, first_s
     assert x1.shape == x8.shape == (8, RES, RES, 3)
     np.testing.assert_allclose(x8, x1, atol=1e-4)  # float32 rounding of per-shard programs
     assert np.abs(x1[0] - x1[1]).max() > 1e-2  # distinct samples, so the comparison means something
-    odd = run_trainer.ldm.generate(*args, mesh=eight, **{**kwargs, "num": 6, "batch_size": 6})
+    odd = run_trainer.ldm.generate(*args, mesh=eight, **{**kwargs, "num": 6, "batch_size": 6,
+                                                                     "inputs": {"label": np.arange(6) % CLASSES}})
     np.testing.assert_allclose(odd, x8[:6], atol=1e-4)  # 6 rounded up to one batch of 8: its first 6 images
