@@ -31,7 +31,7 @@ from lidiff import cli
 from lidiff.errors import ConfigError
 from lidiff.metrics.writers import save_samples
 from lidiff.runs import load_latent_diffusion
-from lidiff.ldm import to_uint8
+from lidiff.data.transforms import to_uint8
 
 config_flags.DEFINE_config_file("config", None, "Optional: the experiment config (default: the one saved with "
                                 "the run's checkpoint).", lock_config=True)

@@ -29,11 +29,6 @@ from lidiff.models.autoencoder import DiagonalGaussian
 from lidiff.models.conditioning import check_inputs
 
 
-def to_uint8(x: Any) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 in [0, 255] (rounded, clipped)."""
-    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
-
-
 @dataclasses.dataclass(frozen=True)
 class FirstStage:
     """A KL or VQ autoencoder used frozen. All methods are pure in ``params`` (jit them from outside).

@@ -273,7 +273,7 @@ class RunSamples:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         import jax
 
-        from lidiff.ldm import to_uint8
+        from lidiff.data.transforms import to_uint8
         from lidiff.train.conditioning import sample_inputs
 
         s, model = self.sampling, self.model

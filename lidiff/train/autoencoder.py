@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 from lidiff import parallel
 from lidiff.checkpoint import Checkpointer
 from lidiff.errors import ConfigError, MissingInputError
+from lidiff.data.transforms import to_uint8
 from lidiff.losses import autoencoder as ae_losses
 from lidiff.metrics.writers import MetricWriter, image_grid
 from lidiff.models.autoencoder import conv_out_apply
@@ -286,11 +287,6 @@ class AutoencoderTrainer:
 def checkpoint_meta(config: ConfigDict) -> dict:
     """What a stage-1 checkpoint carries besides arrays: enough to rebuild the model without the config."""
     return {"stage": STAGE, "model": config.autoencoder.model.to_dict(), "config": config.to_json()}
-
-
-def to_uint8(x: jax.Array) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.asarray(np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
 
 
 def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:

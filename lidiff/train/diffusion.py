@@ -27,7 +27,8 @@ from lidiff import parallel, runs
 from lidiff.checkpoint import Checkpointer
 from lidiff.diffusion.schedule import DiffusionSchedule
 from lidiff.errors import ConfigError, MissingInputError, UserError
-from lidiff.ldm import FirstStage, LatentDiffusion, posterior_arrays, posterior_from_arrays, to_uint8
+from lidiff.data.transforms import to_uint8
+from lidiff.ldm import FirstStage, LatentDiffusion, posterior_arrays, posterior_from_arrays
 from lidiff.losses.diffusion import diffusion_loss
 from lidiff.metrics.writers import MetricWriter, image_grid, save_samples
 from lidiff.models.conditioning import drop_to_null

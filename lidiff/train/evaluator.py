@@ -77,7 +77,7 @@ def generate_for_eval(ldm: Any, fs_params: Any, latent_shape: tuple[int, int, in
                       inputs: Callable[[int], dict]) -> Callable[[Any, int, int], np.ndarray]:
     """``(state, num, seed) -> uint8 images``: EMA samples with the eval section's sampler, conditioned on
     ``inputs(num)`` (classes round-robin, the configured prompts or layouts)."""
-    from lidiff.ldm import to_uint8
+    from lidiff.data.transforms import to_uint8
 
     def generate(state: Any, num: int, seed: int) -> np.ndarray:
         x = ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(seed),
