@@ -61,8 +61,46 @@ class ClassEmbedder(nn.Module):
         return table(labels)[:, None, :].astype(self.dtype)
 
 
-def _zeros(specs: Specs, n: int) -> dict[str, jax.Array]:
-    return {k: jnp.zeros((n,) + tuple(shape), dtype) for k, (shape, dtype) in specs.items()}
+class SpatialRescaler(nn.Module):
+    """A spatial conditioning map brought to the latent size (CompVis ``SpatialRescaler``): ``n_stages`` halvings,
+    then an optional 1x1 convolution without bias to ``out_channels`` (``channel_mapper``).
+
+    A halving is PyTorch's ``interpolate(scale_factor=0.5)`` with ``align_corners=False``: ``bilinear`` averages
+    each 2x2 block (the sample points fall between pixels, with no antialiasing), ``nearest`` keeps the block's
+    top-left pixel. The CompVis semantic-synthesis model uses ``n_stages=2``, 182 -> 3 channels. Only the
+    multiplier 0.5 of the released configs is supported.
+
+    Attributes:
+      n_stages: halvings; the output is ``2**n_stages`` times smaller per side.
+      method: ``bilinear`` | ``nearest``.
+      out_channels: channels after the 1x1 map, or None for no map.
+      dtype: compute dtype of the map; the kernel is float32 ([1, 1, C_in, C_out], torch [C_out, C_in, 1, 1]).
+    """
+
+    n_stages: int = 1
+    method: str = "bilinear"
+    out_channels: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] with H, W divisible by 2**n_stages -> [B, H / 2**n, W / 2**n, out_channels or C]."""
+        if self.method not in ("bilinear", "nearest"):
+            raise ValueError(f"SpatialRescaler: method {self.method!r} is not 'bilinear' or 'nearest'")
+        factor = 2 ** self.n_stages
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"SpatialRescaler: a {x.shape[1]}x{x.shape[2]} map does not halve {self.n_stages} times; "
+                             f"give a size divisible by {factor}")
+        for _ in range(self.n_stages):
+            b, h, w, c = x.shape
+            if self.method == "nearest":
+                x = x[:, ::2, ::2]
+            else:
+                x = x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        if self.out_channels is not None:
+            x = nn.Conv(self.out_channels, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="channel_mapper")(x)
+        return x
 
 
 @dataclasses.dataclass(frozen=True)

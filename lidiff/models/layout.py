@@ -42,7 +42,9 @@ def none_token(vocab_size: int) -> int:
     return vocab_size - 1
 
 
-def _check_vocab(num_classes: int, vocab_size: int) -> int:
+def check_layout_vocab(num_classes: int, vocab_size: int) -> int:
+    """Grid sections per side for a vocabulary that keeps class and coordinate tokens below ``none``; raises
+    ValueError saying why otherwise."""
     sections = layout_sections(vocab_size)
     if sections < 2:
         raise ValueError(f"vocab_size must be at least 4 (a 2x2 coordinate grid plus none), got {vocab_size}.")
@@ -88,7 +90,7 @@ def layout_tokens(boxes, labels, *, num_classes: int, vocab_size: int):
     Returns:
       int32 ``[B, 3K]`` in ``[0, V)``; empty slots give ``none`` for all three tokens.
     """
-    _check_vocab(num_classes, vocab_size)
+    check_layout_vocab(num_classes, vocab_size)
     boxes = jnp.asarray(boxes)
     labels = jnp.asarray(labels)
     if boxes.ndim != 3 or boxes.shape[-1] != 4:

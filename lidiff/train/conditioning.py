@@ -86,15 +86,13 @@ def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any
             TransformerEmbedder(vocab_size=vocab, max_seq_len=cond.max_length, **transformer),
             tuple(int(t) for t in null_tokens(tokenizer, cond.max_length)))
     if cond.kind == "layout":
-        try:
-            from lidiff.models.layout import layout_sections
+        from lidiff.models.layout import check_layout_vocab
 
-            if layout_sections(cond.vocab_size) ** 2 > cond.vocab_size - 1 or cond.num_classes >= cond.vocab_size:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"config.diffusion.conditioning.vocab_size={cond.vocab_size} does not fit layouts of "
-                              f"{cond.num_classes} classes: use a vocabulary that is not a perfect square and "
-                              "larger than num_classes (CompVis: 8192)") from None
+        try:
+            check_layout_vocab(cond.num_classes, cond.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"config.diffusion.conditioning (num_classes={cond.num_classes}, "
+                              f"vocab_size={cond.vocab_size}): {e}") from None
         return enc.LayoutConditioning(
             TransformerEmbedder(vocab_size=cond.vocab_size, max_seq_len=3 * cond.max_boxes, **transformer),
             cond.num_classes, cond.max_boxes, cond.vocab_size)

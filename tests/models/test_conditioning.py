@@ -108,3 +108,28 @@ def test_unconditional_model_refuses_conditioning():
 def test_class_mode_must_be_known():
     with pytest.raises(ValueError, match="'crossattn' or 'adm'"):
         enc.ClassConditioning(num_classes=5, embed_dim=D, mode="concat")
+
+
+@pytest.mark.parametrize("method, n_stages", [("bilinear", 1), ("bilinear", 2), ("nearest", 2)])
+def test_spatial_rescaler_matches_torch_interpolate_and_conv(method, n_stages):
+    """CompVis's SpatialRescaler in PyTorch (interpolate(scale_factor=0.5), then a bias-free 1x1 conv) on the same
+    map and weights."""
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(2, 16, 12, 5)).astype(np.float32)
+    rescaler = enc.SpatialRescaler(n_stages=n_stages, method=method, out_channels=3)
+    params = rescaler.init(jax.random.PRNGKey(0), x)["params"]
+    out = np.asarray(rescaler.apply({"params": params}, x))
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    for _ in range(n_stages):
+        t = torch.nn.functional.interpolate(t, scale_factor=0.5, mode=method)
+    weight = torch.from_numpy(np.array(params["channel_mapper"]["kernel"])).permute(3, 2, 0, 1)  # [out, in, 1, 1]
+    t = torch.nn.functional.conv2d(t, weight)
+    expected = t.permute(0, 2, 3, 1).numpy()
+    assert out.shape == (2, 16 // 2 ** n_stages, 12 // 2 ** n_stages, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_rescaler_refuses_sizes_that_do_not_halve():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        enc.SpatialRescaler(n_stages=2).init(jax.random.PRNGKey(0), jnp.zeros((1, 10, 8, 3)))
