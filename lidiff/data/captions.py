@@ -19,7 +19,6 @@ import os
 from typing import List, Optional, Sequence
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from lidiff.data.sources import (
@@ -48,8 +47,8 @@ class CaptionedFolderSource(Source):
     """Images under ``path`` (as ``ImageFolderSource``) each captioned by a sidecar ``<stem>.txt`` next to it.
 
     ``photos/cat.jpg`` is captioned by ``photos/cat.txt`` (UTF-8, surrounding whitespace stripped). An image whose
-    caption file is missing or blank gives ``None`` (logged; the loader skips and counts it), like an undecodable
-    image.
+    caption file is missing or blank has ``"caption": None``: the loader's caption field skips and counts it, with
+    the reason "no caption" (an undecodable image gives ``None``, "unreadable").
     """
 
     def __init__(self, path: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
@@ -70,17 +69,10 @@ class CaptionedFolderSource(Source):
         return _read_caption(self.caption_path(index))
 
     def __getitem__(self, index: int) -> Optional[Example]:
-        caption = self.caption(index)
-        if caption is None:
-            logging.log_first_n(
-                logging.WARNING, "No caption for %s: %s is missing or blank; example skipped.", 10,
-                self.describe(index), self.caption_path(index),
-            )
-            return None
         example = self.images[index]
         if example is None:
             return None
-        example["caption"] = caption
+        example["caption"] = self.caption(index)
         return example
 
     def captions(self) -> List[str]:

@@ -41,7 +41,8 @@ def test_folder_with_sidecar_captions_skips_uncaptioned_images(tmp_path):
     np.testing.assert_array_equal(by_name["cat.png"]["image"], cat)
     assert by_name["tree.png"]["caption"] == "une forêt"
     np.testing.assert_array_equal(by_name["tree.png"]["image"], tree)
-    assert by_name["dog.png"] is None and by_name["owl.png"] is None and by_name["broken.png"] is None
+    assert by_name["dog.png"]["caption"] is None and by_name["owl.png"]["caption"] is None  # the field skips them
+    assert by_name["broken.png"] is None  # unreadable
     assert sorted(src.captions()) == ["a cat on a mat", "never decoded", "une forêt"]
     assert src.caption_path(0).endswith(".txt")
 
