@@ -16,6 +16,9 @@ The kind of run is read from the keys of ``samples.npz``:
   the same crops of real ``DigitsLayoutSource`` layouts (the training distribution) are scored too: that is the
   ceiling the crop-and-classify reading allows.
 - class (``labels`` only, e.g. the quickstart): as ``quickstart_accuracy.py``.
+
+Each table ends with chance: the same readings scored against shuffled labels (``chance_accuracy``), which is
+what a generator that ignores its conditioning gets; it exceeds 10% when the classifier favours one digit.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ def detect_kind(keys) -> str:
     if "labels" in keys:
         return "class"
     raise ValueError(f"samples.npz holds {sorted(keys)}: no labels, prompts or boxes to score the samples against")
+
+
+def chance_accuracy(predicted: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> float:
+    """The accuracy the same predictions would get against randomly permuted labels:
+    ``sum_c P(predicted = c) * P(label = c)``. A generator that ignores its conditioning scores about this, which
+    can sit well above 1/num_classes when the classifier favours one digit (blurry blobs read as 4, for one)."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if not len(labels):
+        return float("nan")
+    return float(sum(np.mean(predicted == c) * np.mean(labels == c) for c in range(num_classes)))
 
 
 def read_boxes(classifier: Any, images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray) -> dict[str, Any]:
@@ -161,6 +174,8 @@ def main() -> None:
                 print(f"| {k} | {images} | {boxes} | {correct} | {correct / boxes:.2f} |")
         print()
         print(f"layouts with every box read right: {result['layouts_all_right']:.3f} of {result['num_images']}")
+        print(f"chance (the same readings against shuffled labels): "
+              f"{chance_accuracy(result['predicted'], result['labels']):.3f}")
         with np.load(path) as f:
             canvas, max_boxes = f["images"].shape[1], f["box_labels"].shape[1]
         print(f"the same reading of real training-distribution layouts: "
@@ -169,6 +184,9 @@ def main() -> None:
     _table(result["per_class"], "samples")
     n = len(result["labels"])
     print(f"| all | {n} | {int(np.sum(result['predicted'] == result['labels']))} | {result['accuracy']:.3f} |")
+    print()
+    chance = chance_accuracy(result["predicted"], result["labels"])
+    print(f"chance (the same readings against shuffled labels): {chance:.3f}")
     if result["kind"] == "text":
         print()
         print("| prompt | digit | samples | read as the digit |")

@@ -4,7 +4,7 @@ samples show the digits they were asked for.
 
 The classifier and the way samples are read (box-downscale 32x32 -> 8x8, grey levels 0..16 as ``load_digits``)
 are those of ``benchmarks/quickstart_accuracy.py``, which scores the full run. The shortened run trains the
-autoencoder for ``AE_STEPS`` and the LDM for ``LDM_STEPS`` (the full run: 500 and 2000) and keeps everything
+autoencoder for ``AE_STEPS`` and the LDM for ``LDM_STEPS`` (the full run: 400 and 1500) and keeps everything
 else as shipped; it reaches about 85% (the full run about 95%), so ``MIN_ACCURACY`` leaves a wide margin while a
 broken stage (untrained UNet, labels ignored, wrong scale_factor, wrong decode) lands near chance (10%).
 """
