@@ -116,3 +116,32 @@ def null_layout(batch: int, max_boxes: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
         jnp.zeros((batch, max_boxes, 4), jnp.float32),
         jnp.full((batch, max_boxes), -1, jnp.int32),
     )
+
+
+def layout_map(boxes, labels, *, num_classes: int, size: Tuple[int, int]):
+    """Boxes with class ids -> a per-class coverage map, the spatial half of ``hybrid`` layout conditioning.
+
+    Cell ``(i, j)`` of an ``h x w`` grid spans ``[j/w, (j+1)/w) x [i/h, (i+1)/h)`` of the image; channel ``c``
+    holds the largest fraction of that cell covered by one box of class ``c`` (1 inside a box, fractions on its
+    border cells, 0 elsewhere), so a box smaller than a cell still shows and two boxes of one class do not add up.
+
+    Args:
+      boxes: float ``[B, K, 4]`` ``(x0, y0, x1, y1)``, fractions of the image (clipped to [0, 1]).
+      labels: int ``[B, K]`` class ids in ``[0, num_classes)``, -1 for an empty slot (which draws nothing).
+      num_classes: channels C (static).
+      size: ``(h, w)`` of the map (static), e.g. the latent's.
+    Returns:
+      float32 ``[B, h, w, C]`` in [0, 1]; all zeros for "no boxes".
+    """
+    h, w = size
+    boxes = jnp.clip(jnp.asarray(boxes, jnp.float32), 0.0, 1.0)
+    labels = jnp.asarray(labels)
+
+    def cover(lo, hi, n):  # [B, K] box sides -> [B, K, n] fraction of each of the n cells along one axis
+        edges = jnp.arange(n + 1, dtype=jnp.float32) / n
+        overlap = jnp.minimum(hi[..., None], edges[1:]) - jnp.maximum(lo[..., None], edges[:-1])
+        return jnp.clip(overlap * n, 0.0, 1.0)
+
+    per_box = cover(boxes[..., 1], boxes[..., 3], h)[..., :, None] * cover(boxes[..., 0], boxes[..., 2], w)[..., None, :]
+    one_hot = (labels[..., None] == jnp.arange(num_classes)).astype(jnp.float32)  # [B, K, C]; -1 matches nothing
+    return jnp.max(per_box[..., None] * one_hot[:, :, None, None, :], axis=1)  # [B, h, w, C]

@@ -77,3 +77,39 @@ def test_refusals_name_the_problem():
         layout.layout_tokens(np.zeros((1, 4)), np.zeros((1,), int), num_classes=3, vocab_size=17)
     with pytest.raises(ValueError, match="labels must be"):
         layout.layout_tokens(np.zeros((1, 2, 4)), np.zeros((1, 3), int), num_classes=3, vocab_size=17)
+
+
+def test_layout_map_hand_computed_coverage():
+    # a 4x4 grid (cells of 0.25): x in [0.25, 0.6) covers column 1 fully and 0.35 / 0.25 = 40% of column 2;
+    # y in [0, 0.5) covers rows 0 and 1. The empty slot draws nothing; other classes stay zero.
+    boxes = np.array([[[0.25, 0.0, 0.6, 0.5], [0.0, 0.0, 1.0, 1.0]]], np.float32)
+    m = np.asarray(layout.layout_map(boxes, np.array([[2, -1]]), num_classes=3, size=(4, 4)))
+    assert m.shape == (1, 4, 4, 3) and m.dtype == np.float32
+    expected = np.zeros((4, 4), np.float32)
+    expected[:2, 1], expected[:2, 2] = 1.0, 0.4
+    np.testing.assert_allclose(m[0, ..., 2], expected, atol=1e-6)
+    assert not m[0, ..., :2].any()
+
+
+def test_layout_map_against_a_supersampled_raster():
+    # coverage = the fraction of each cell's area inside the box: compare with a 64x-supersampled point raster
+    rng = np.random.default_rng(1)
+    lo = rng.uniform(0, 0.6, (2, 3, 2)).astype(np.float32)
+    boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.4, (2, 3, 2)).astype(np.float32)], -1)
+    labels = np.array([[0, 1, 2], [3, 3, -1]])
+    h, w, s = 6, 5, 64
+    m = np.asarray(layout.layout_map(boxes, labels, num_classes=4, size=(h, w)))
+    ys, xs = (np.arange(h * s) + 0.5) / (h * s), (np.arange(w * s) + 0.5) / (w * s)
+    for b in range(2):
+        for c in range(4):
+            want = np.zeros((h, w))
+            for k in np.flatnonzero(labels[b] == c):
+                x0, y0, x1, y1 = boxes[b, k]
+                inside = ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+                want = np.maximum(want, inside.reshape(h, s, w, s).mean(axis=(1, 3)))
+            np.testing.assert_allclose(m[b, ..., c], want, atol=2.5 / s)
+
+
+def test_layout_map_of_no_boxes_is_zero():
+    boxes, labels = layout.null_layout(2, 3)
+    assert not np.asarray(layout.layout_map(boxes, labels, num_classes=5, size=(3, 3))).any()
