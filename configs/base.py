@@ -27,12 +27,15 @@ from ml_collections import ConfigDict
 def data_config(source: str = "folder", resolution: int = 256, **overrides) -> ConfigDict:
     c = ConfigDict()
     # folder | tfds | digits | synthetic; captions: captioned_folder | caption_manifest | tfds_captions |
-    # digits_captions; layouts: coco_layout | digits_layout
+    # digits_captions; layouts: coco_layout | digits_layout; maps: segmentation_folder | digits_segmentation;
+    # photos: photo_crops
     c.source = source
     c.path = ""  # (captioned_)folder: image root, recursive; caption_manifest: .jsonl/.csv; coco_layout: images
+    c.maps_path = ""  # segmentation_folder: class-id PNGs named like the images (a.jpg <-> a.png)
+    c.held_out = "chelsea"  # photo_crops: the photo kept out of training (split="held_out" reads only it)
     c.class_from_subdir = False  # folder: label = index of the first-level sub-folder
     c.tfds_name = ""  # tfds: dataset name, e.g. "celeb_a_hq/256"
-    c.split = "train"  # tfds split
+    c.split = "train"  # tfds split; photo_crops: train | held_out
     c.data_dir = ""  # tfds data_dir ("" = tfds default)
     c.manual_dir = ""  # tfds manual_dir for datasets that need files placed by hand
     c.image_key = "image"
@@ -40,7 +43,7 @@ def data_config(source: str = "folder", resolution: int = 256, **overrides) -> C
     c.caption_key = ""  # tfds_captions: the text feature path, e.g. "captions/text"
     c.annotation_json = ""  # coco_layout: COCO instances JSON (images under path)
     c.max_boxes = 0  # layouts: boxes kept per image (0 = the source's default: all for COCO, 3 digits)
-    c.num_examples = 1024  # synthetic and digits_layout
+    c.num_examples = 1024  # synthetic, digits_layout and photo_crops
     c.num_classes = 0  # synthetic only (0 = no labels)
     c.resolution = resolution  # images are resized (smaller side) and center-cropped to this
     c.random_flip = False
@@ -152,9 +155,15 @@ def unet_model(**overrides) -> ConfigDict:
 def conditioning(kind: str = "none", **overrides) -> ConfigDict:
     """``diffusion.conditioning``: which encoder tau_theta turns which raw input into the UNet's conditioning."""
     c = ConfigDict()
-    c.kind = kind  # none | class (labels) | text (captions -> tokens) | layout (boxes with class ids)
-    c.mode = "crossattn"  # crossattn (context [B, L, D]) | adm (class only: label_emb added to the time embedding)
-    c.num_classes = 0  # class: real classes, index num_classes is the null class; layout: box classes
+    # none | class (labels) | text (captions -> tokens) | layout (boxes with class ids) |
+    # superres (low-res image) | inpainting (masked image + mask) | semantic (segmentation map)
+    c.kind = kind
+    # crossattn (context [B, L, D]) | adm (class: label_emb added to the time embedding) |
+    # hybrid (layout: the context, plus a box map per class concatenated to x_t) |
+    # concat (superres / inpainting / semantic: a map at the latent's size concatenated to x_t)
+    c.mode = "crossattn"
+    c.num_classes = 0  # class: real classes, index num_classes is the null class; layout: box classes;
+    #                    semantic: class ids of the maps (one-hot channels)
     c.embed_dim = 512  # context width D of the encoder (= model.context_dim for crossattn)
     c.p_uncond = 0.0  # probability of replacing a row's conditioning by the null input in training (for CFG)
     c.n_layer = 0  # text / layout: transformer blocks
@@ -166,6 +175,10 @@ def conditioning(kind: str = "none", **overrides) -> ConfigDict:
     c.tokenizer = ""  # text: directory of a BERT tokenizer (vocab.txt or tokenizer.json), copied into the run
     c.build_vocab = False  # text: no tokenizer given -> train a WordPiece vocabulary on the training captions
     c.max_boxes = 0  # layout: boxes per image K (the sequence is 3K tokens)
+    c.sr_factor = 4  # superres: high-res side / low-res side
+    c.degradation = "bicubic"  # superres, training inputs: bicubic | bsr_light (blur + downsample + noise)
+    c.mask_kind = "mixed"  # inpainting, training masks: box | freeform | mixed (LaMa-style large masks)
+    c.map_channels = 0  # semantic: width of the SpatialRescaler's 1x1 map (0 = the one-hot map as it is)
     c.update(overrides)
     return c
 
@@ -219,6 +232,10 @@ def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **p
     c.sample.prompts = ()  # text models: prompts of the sample grids, final samples and in-training FID
     c.sample.prompt_labels = ()  # optional: the class each prompt names, recorded as labels in samples.npz
     c.sample.layout_file = ""  # layout models: a layout JSON (sample.py --layout format); "" = random digit layouts
+    # superres / inpainting / semantic: the data whose images (or maps) condition the grids and final samples,
+    # e.g. a held-out split ("" source = config.data), read at cond_resolution (0 = data.resolution)
+    c.sample.cond_data = data_config("")
+    c.sample.cond_resolution = 0
     c.eval = ConfigDict()  # in-training FID of EMA samples (lidiff.train.evaluator)
     c.eval.every = 0  # steps between evaluations (0 = off)
     c.eval.num_samples = 2048  # EMA samples per evaluation (FID is biased below ~2048; papers use 50k)

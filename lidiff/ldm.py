@@ -2,7 +2,7 @@
 
     ldm = LatentDiffusion(unet, conditioner, schedule, parameterization, first_stage)
     params = ldm.init_params(rng, latent_shape)                 # {"unet": ..., "cond": ... or {}}
-    cond = ldm.encode_condition(params, inputs)                 # raw inputs -> {"context" | "y" | "concat": ...}
+    cond = ldm.encode_condition(params, inputs, latent_hw=(h, w))  # raw inputs -> {"context" | "y" | "concat"}
     out = ldm.apply_model(params, x_t, t, cond)                 # [B, h, w, c] eps / x0 / v
     images = ldm.generate(params, first_stage_params, scale_factor, rng, num=..., latent_shape=...,
                           inputs=..., sampler="ddim", steps=50, guidance_scale=5.0)
@@ -15,6 +15,7 @@ Nothing here reads files or configs; ``lidiff.runs`` builds these objects from a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lidiff import parallel
-from lidiff.diffusion import samplers
+from lidiff.diffusion import samplers, tiling
 from lidiff.diffusion.schedule import DiffusionSchedule
 from lidiff.models.autoencoder import DiagonalGaussian
 from lidiff.models.conditioning import check_inputs
@@ -90,23 +91,55 @@ class LatentDiffusion:
     def conditional(self) -> bool:
         return bool(self.conditioner.input_specs)
 
-    def null_inputs(self, n: int) -> dict:
-        """The encoder's null input for ``n`` rows (classifier-free guidance's unconditional branch)."""
-        return self.conditioner.null_inputs(n)
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
+        """The encoder's null input for ``n`` rows (classifier-free guidance's unconditional branch); spatial
+        inputs are sized for latents of ``latent_hw``."""
+        return self.conditioner.null_inputs(n, latent_hw)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this: the UNet halves them ``len(channel_mult) - 1`` times."""
+        return 2 ** (len(getattr(self.unet, "channel_mult", (1,))) - 1)
+
+    def latent_hw(self, inputs: Mapping[str, Any]) -> tuple[int, int] | None:
+        """The latent (h, w) spatial conditioning inputs imply, or None when the conditioning is not spatial.
+        ValueError, naming the input, when its size does not fit the encoder or the UNet's halvings."""
+        if not hasattr(self.conditioner, "latent_hw"):
+            return None
+        h, w = self.conditioner.latent_hw(inputs)
+        m = self.latent_multiple
+        if h % m or w % m:
+            name = next(iter(self.conditioner.input_specs))
+            size = "x".join(str(d) for d in np.shape(inputs[name])[1:3])
+            scale = np.shape(inputs[name])[1] / h
+            raise ValueError(f"{name} is {size}, which gives {h}x{w} latents; the UNet halves them "
+                             f"{m.bit_length() - 1} times, so they must be multiples of {m}: give {name} sides "
+                             f"that are multiples of {m * scale:g}")
+        return h, w
 
     def init_params(self, rng: jax.Array, latent_shape: tuple[int, int, int]) -> dict:
         k_unet, k_cond = jax.random.split(rng)
         cond_params = self.conditioner.init(k_cond)
-        cond = self.conditioner.encode(cond_params, self.conditioner.null_inputs(1))
+        hw = tuple(latent_shape[:2])
+        if getattr(self.conditioner, "first_stage", None) is not None:  # the UNet's init needs the concat's shape only
+            cond = {"concat": jnp.zeros((1,) + hw + (self.conditioner.concat_channels,), jnp.float32)}
+        else:
+            cond = self.conditioner.encode(cond_params, self.conditioner.null_inputs(1, hw), latent_hw=hw)
         x = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
         unet_params = self.unet.init(k_unet, self._unet_input(x, cond), t, context=cond.get("context"),
                                      y=cond.get("y"))["params"]
         return {"unet": unet_params, "cond": cond_params}
 
-    def encode_condition(self, params: dict, inputs: Mapping[str, Any]) -> dict:
-        """Raw conditioning inputs [B, ...] -> cond pytree ({} for unconditional models)."""
-        return self.conditioner.encode(params["cond"], inputs)
+    def encode_condition(self, params: dict, inputs: Mapping[str, Any], *, latent_hw: tuple[int, int] | None = None,
+                         first_stage_params: Any = None) -> dict:
+        """Raw conditioning inputs [B, ...] -> cond pytree ({} for unconditional models).
+
+        latent_hw: (h, w) of the latents the cond goes with (spatial encoders draw or check their ``concat`` map
+        at that size); first_stage_params: the frozen autoencoder's, for encoders that encode images with it.
+        """
+        return self.conditioner.encode(params["cond"], inputs, latent_hw=latent_hw,
+                                       first_stage_params=first_stage_params)
 
     @staticmethod
     def _unet_input(x: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
@@ -124,19 +157,30 @@ class LatentDiffusion:
                                context=cond.get("context"), y=cond.get("y"), deterministic=deterministic, rngs=rngs)
 
     def _sampler(self, shape: tuple[int, ...], sampler: str, steps: int | None, eta: float,
-                 guidance_scale: float, mesh: Mesh) -> Callable:
-        key = (shape, sampler, steps, eta, guidance_scale, mesh)
+                 guidance_scale: float, mesh: Mesh, tile: int | None = None, tile_overlap: int = 16) -> Callable:
+        key = (shape, sampler, steps, eta, guidance_scale, mesh, tile, tile_overlap)
         if key not in self._compiled:
             guided = self.conditional and guidance_scale != 1.0
 
             def run(params, fs_params, scale_factor, rng, inputs):
-                cond = self.encode_condition(params, inputs) if self.conditional else None
-                uncond = self.encode_condition(params, self.null_inputs(shape[0])) if guided else None
+                encode = functools.partial(self.encode_condition, params, latent_hw=shape[1:3],
+                                           first_stage_params=fs_params)
+                cond = encode(inputs) if self.conditional else None
+                uncond = encode(self.null_inputs(shape[0], shape[1:3])) if guided else None
                 model_fn = lambda x, t, c: self.apply_model(params, x, t, c)  # noqa: E731
+                decode = functools.partial(self.first_stage.decode, fs_params)
+                if tile:
+                    tiles = dict(tile=tile, overlap=tile_overlap, margin=tile_overlap // 4)
+                    model_fn = tiling.tiled_denoiser(model_fn, **tiles)
+                    decode = functools.partial(tiling.tiled_map, decode, scale=self.first_stage.downsample_factor,
+                                               **tiles)
                 z = samplers.sample(model_fn, self.schedule, shape, rng, sampler=sampler, num_steps=steps, eta=eta,
                                     guidance_scale=guidance_scale, cond=cond, uncond=uncond,
                                     parameterization=self.parameterization)
-                return self.first_stage.decode(fs_params, z / scale_factor)
+                images = decode(z / scale_factor)
+                if hasattr(self.conditioner, "keep_known"):  # inpainting: the known pixels exactly as given
+                    images = self.conditioner.keep_known(images, inputs)
+                return images
 
             rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
             self._compiled[key] = jax.jit(run, in_shardings=(rep, rep, rep, rep, split), out_shardings=split)
@@ -146,24 +190,32 @@ class LatentDiffusion:
                  latent_shape: tuple[int, int, int], inputs: Mapping[str, np.ndarray] | None = None,
                  sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0,
                  batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                 mesh: Mesh | None = None) -> np.ndarray:
+                 mesh: Mesh | None = None, tile: int | None = None, tile_overlap: int = 16) -> np.ndarray:
         """Draws ``num`` images [num, h*f, w*f, 3] float32 in about [-1, 1] (host array).
 
         inputs: raw conditioning inputs, each [num, ...] (the encoder's ``input_specs``; required exactly when the
         model is conditional). Batches of ``batch_size`` (default: all at once) use keys ``fold_in(rng,
-        batch_index)``; ``progress(n)`` is called after each. Each batch is split over the devices of ``mesh``
+        batch_index)``; ``progress(n)`` is called after each. ``tile``: denoise and decode latents larger than
+        ``tile`` x ``tile`` in overlapping tiles (``lidiff.diffusion.tiling``, ``tile_overlap`` latent pixels of
+        overlap blended with a raised cosine), so memory stays that of one tile; the same as untiled when the
+        latents fit in one tile. Each batch is split over the devices of ``mesh``
         (default: every local device); ``batch_size`` is rounded up to a multiple of their number. Random draws
         do not depend on how the batch is split, so 1 and 8 devices give the same images for the same (rounded)
         batch size. With ``guidance_scale`` != 1 the unconditional branch uses the encoder's null input.
         """
         inputs = dict(inputs or {})
         check_inputs(self.conditioner, inputs, num)
+        implied = self.latent_hw(inputs)
+        if implied is not None and tuple(implied) != tuple(latent_shape[:2]):
+            raise ValueError(f"the conditioning inputs imply {implied[0]}x{implied[1]} latents, but latent_shape is "
+                             f"{tuple(latent_shape)}; pass latent_shape=({implied[0]}, {implied[1]}, "
+                             f"{latent_shape[2]})")
         mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
         devices = mesh.devices.size
         batch_size = -(-(batch_size or num) // devices) * devices
         params, fs_params, scale_factor, rng = parallel.put_replicated((params, fs_params, scale_factor, rng), mesh)
         fn = self._sampler((batch_size,) + tuple(latent_shape), sampler, steps, float(eta), float(guidance_scale),
-                           mesh)
+                           mesh, tile, tile_overlap)
         out = []
         for i, start in enumerate(range(0, num, batch_size)):
             n = min(batch_size, num - start)

@@ -137,11 +137,12 @@ def read_metrics(logdir: str) -> list[dict]:
 
 def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = None, *, write_pngs: bool = True,
                  grid_cols: int | None = None, max_grid: int = 256, settings: Mapping[str, float] | None = None,
-                 conditioning: Mapping[str, np.ndarray] | None = None) -> str:
+                 conditioning: Mapping[str, np.ndarray] | None = None, grid: np.ndarray | None = None) -> str:
     """Writes generated images: ``samples.npz`` (``images`` uint8 [N,H,W,C], ``labels`` [N] if given, each of
     ``conditioning`` as given, e.g. ``prompts`` [N] str or ``boxes`` [N,K,4] and ``box_labels`` [N,K], and each
     of ``settings`` as a scalar, e.g. the sampler and checkpoint step), a grid ``samples_grid.png`` of the first
-    ``max_grid``, and (``write_pngs``) one PNG per image under ``images/``.
+    ``max_grid`` (or of ``grid``, uint8 [M, H, W, C], when given), and (``write_pngs``) one PNG per image under
+    ``images/``.
 
     Returns the npz path. The npz is written atomically (temp file + rename).
     """
@@ -155,7 +156,8 @@ def save_samples(outdir: str, images: np.ndarray, labels: np.ndarray | None = No
     tmp = os.path.join(outdir, "samples.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    save_png(os.path.join(outdir, "samples_grid.png"), image_grid(images[:max_grid], ncols=grid_cols))
+    shown = images if grid is None else np.asarray(grid, np.uint8)
+    save_png(os.path.join(outdir, "samples_grid.png"), image_grid(shown[:max_grid], ncols=grid_cols))
     if write_pngs:
         for i, image in enumerate(images):
             name = f"{i:06d}" + (f"_class{int(labels[i])}" if labels is not None else "") + ".png"

@@ -13,8 +13,12 @@ several at once (``hybrid``). Every encoder defines its null input, which ``p_un
 time (``drop_to_null``) and classifier-free guidance encodes for the unconditional branch.
 
 Encoders are small frozen dataclasses holding flax modules: ``init(rng) -> params`` ({} when nothing is
-trained), ``encode(params, inputs) -> cond``, ``null_inputs(n) -> inputs``. ``input_specs`` gives each raw
-input's per-row shape and dtype, which ``check_inputs`` uses to refuse what does not fit, by name.
+trained), ``encode(params, inputs, *, latent_hw, first_stage_params) -> cond``, ``null_inputs(n) -> inputs``.
+``latent_hw`` is the (h, w) of the latents being denoised, which a ``concat`` map must match;
+``first_stage_params`` are the frozen autoencoder's, for encoders that encode an image with it. Both are passed
+by ``LatentDiffusion`` and ignored by encoders that do not need them. ``concat_channels`` is how many channels
+``cond["concat"]`` adds to the UNet's input. ``input_specs`` gives each raw input's per-row shape and dtype, which
+``check_inputs`` uses to refuse what does not fit, by name.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lidiff.models.layout import layout_tokens
+from lidiff.models.layout import layout_map, layout_tokens
 
 Inputs = Mapping[str, Any]
 Specs = dict  # name -> (per-row shape, numpy dtype)
@@ -109,6 +113,7 @@ class Unconditional:
 
     kind = "none"
     mode = "none"
+    concat_channels = 0
 
     @property
     def input_specs(self) -> Specs:
@@ -117,10 +122,11 @@ class Unconditional:
     def init(self, rng: jax.Array) -> dict:
         return {}
 
-    def encode(self, params: Any, inputs: Inputs) -> dict:
+    def encode(self, params: Any, inputs: Inputs, *, latent_hw: tuple[int, int] | None = None,
+               first_stage_params: Any = None) -> dict:
         return {}
 
-    def null_inputs(self, n: int) -> dict:
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         return {}
 
 
@@ -138,6 +144,7 @@ class ClassConditioning:
     mode: str = "crossattn"  # crossattn | adm
     dtype: Any = jnp.float32
     kind = "class"
+    concat_channels = 0
 
     def __post_init__(self):
         if self.mode not in ("crossattn", "adm"):
@@ -158,13 +165,14 @@ class ClassConditioning:
             return {}
         return self.module.init(rng, jnp.zeros((1,), jnp.int32))["params"]
 
-    def encode(self, params: Any, inputs: Inputs) -> dict:
+    def encode(self, params: Any, inputs: Inputs, *, latent_hw: tuple[int, int] | None = None,
+               first_stage_params: Any = None) -> dict:
         labels = jnp.asarray(inputs["label"], jnp.int32)
         if self.mode == "adm":
             return {"y": labels}
         return {"context": self.module.apply({"params": params}, labels)}
 
-    def null_inputs(self, n: int) -> dict:
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         return {"label": jnp.full((n,), self.num_classes, jnp.int32)}
 
 
@@ -180,6 +188,7 @@ class TextConditioning:
     null_tokens: tuple[int, ...]
     kind = "text"
     mode = "crossattn"
+    concat_channels = 0
 
     @property
     def input_specs(self) -> Specs:
@@ -188,11 +197,12 @@ class TextConditioning:
     def init(self, rng: jax.Array) -> dict:
         return self.transformer.init(rng, jnp.zeros((1, len(self.null_tokens)), jnp.int32))["params"]
 
-    def encode(self, params: Any, inputs: Inputs) -> dict:
+    def encode(self, params: Any, inputs: Inputs, *, latent_hw: tuple[int, int] | None = None,
+               first_stage_params: Any = None) -> dict:
         tokens = jnp.asarray(inputs["tokens"], jnp.int32)
         return {"context": self.transformer.apply({"params": params}, tokens)}
 
-    def null_inputs(self, n: int) -> dict:
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         return {"tokens": jnp.tile(jnp.asarray(self.null_tokens, jnp.int32)[None], (n, 1))}
 
 
@@ -202,14 +212,27 @@ class LayoutConditioning:
 
     transformer: a ``TransformerEmbedder`` over the layout vocabulary (``vocab_size``) with ``max_seq_len``
     ``3 * max_boxes``. The null input is "no boxes": zero boxes with every label -1.
+
+    mode ``crossattn`` (the paper's layout-to-image): the context only; the UNet has to work out from its own
+    features which pixels a box's coordinate tokens refer to. mode ``hybrid``: the context, plus each class's box
+    coverage at the latent's size (``layout_map``, [B, h, w, num_classes]) concatenated to x_t, which tells every
+    latent pixel which boxes it lies in.
     """
 
     transformer: nn.Module
     num_classes: int
     max_boxes: int
     vocab_size: int
+    mode: str = "crossattn"  # crossattn | hybrid
     kind = "layout"
-    mode = "crossattn"
+
+    def __post_init__(self):
+        if self.mode not in ("crossattn", "hybrid"):
+            raise ValueError(f"layout conditioning supports mode 'crossattn' or 'hybrid', not {self.mode!r}")
+
+    @property
+    def concat_channels(self) -> int:
+        return self.num_classes if self.mode == "hybrid" else 0
 
     @property
     def input_specs(self) -> Specs:
@@ -223,19 +246,29 @@ class LayoutConditioning:
     def init(self, rng: jax.Array) -> dict:
         return self.transformer.init(rng, self.tokens(self.null_inputs(1)))["params"]
 
-    def encode(self, params: Any, inputs: Inputs) -> dict:
-        return {"context": self.transformer.apply({"params": params}, self.tokens(inputs))}
+    def encode(self, params: Any, inputs: Inputs, *, latent_hw: tuple[int, int] | None = None,
+               first_stage_params: Any = None) -> dict:
+        """-> {"context": [B, 3K, D]}, plus {"concat": [B, h, w, num_classes]} in ``hybrid`` mode, where
+        ``latent_hw = (h, w)`` is required."""
+        cond = {"context": self.transformer.apply({"params": params}, self.tokens(inputs))}
+        if self.mode == "hybrid":
+            if latent_hw is None:
+                raise ValueError("hybrid layout conditioning draws its box map at the latent's size: pass latent_hw")
+            cond["concat"] = layout_map(inputs["boxes"], inputs["box_labels"], num_classes=self.num_classes,
+                                        size=tuple(latent_hw)).astype(cond["context"].dtype)
+        return cond
 
-    def null_inputs(self, n: int) -> dict:
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         return {"boxes": jnp.zeros((n, self.max_boxes, 4), jnp.float32),
                 "box_labels": jnp.full((n, self.max_boxes), -1, jnp.int32)}
 
 
-def drop_to_null(encoder: Any, inputs: Inputs, drop: jax.Array) -> dict:
-    """``inputs`` with the rows where ``drop`` [B] bool is set replaced by the encoder's null input."""
+def drop_to_null(encoder: Any, inputs: Inputs, drop: jax.Array, latent_hw: tuple[int, int] | None = None) -> dict:
+    """``inputs`` with the rows where ``drop`` [B] bool is set replaced by the encoder's null input (of the size
+    that goes with latents of ``latent_hw``, for spatial inputs)."""
     if not encoder.input_specs:
         return {}
-    null = encoder.null_inputs(drop.shape[0])
+    null = encoder.null_inputs(drop.shape[0], latent_hw)
 
     def pick(key: str) -> jax.Array:
         value = jnp.asarray(inputs[key])
@@ -264,8 +297,11 @@ def check_inputs(encoder: Any, inputs: Inputs, batch: int | None = None) -> None
             continue
         value = np.asarray(inputs[key])
         n = batch if batch is not None else value.shape[0] if value.ndim else None
-        if value.shape != (n,) + tuple(shape):
-            problems.append(f"{key} has shape {value.shape}, expected {(n,) + tuple(shape)} ([batch] + {shape})")
+        expected = (n,) + tuple(shape)
+        if len(value.shape) != len(expected) or any(e is not None and v != e for v, e in zip(value.shape, expected)):
+            want = ", ".join("any" if d is None else str(d) for d in expected)
+            problems.append(f"{key} has shape {value.shape}, expected ({want}) ([batch] + {shape})".replace("None",
+                                                                                                         "any"))
         elif np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(value.dtype, np.integer):
             problems.append(f"{key} has dtype {value.dtype}, expected integers")
     if problems:

@@ -69,7 +69,8 @@ def _user_errors(fn: Callable, *args):
 
 
 SOURCE_KINDS = ("folder", "tfds", "digits", "synthetic", "captioned_folder", "caption_manifest", "tfds_captions",
-                "digits_captions", "coco_layout", "digits_layout")
+                "digits_captions", "coco_layout", "digits_layout", "segmentation_folder", "digits_segmentation",
+                "digit_region_maps", "photo_crops")
 
 
 def _require(data: ConfigDict, name: str, why: str, example: str) -> None:
@@ -82,6 +83,10 @@ def _make_source(data: ConfigDict, seed: int):
     from lidiff.data.sources import make_source
 
     kind = data.source
+    if kind in ("segmentation_folder", "digits_segmentation", "digit_region_maps", "photo_crops"):
+        from lidiff.data.spatial import make_spatial_source
+
+        return make_spatial_source(data, seed)
     if kind == "folder":
         if not data.path:
             raise ConfigError(

@@ -1,7 +1,14 @@
 """``config.diffusion.conditioning`` -> the conditioning encoder, its tokenizer, and the inputs samples use.
 
     kind    none | class | text | layout   (which raw input: nothing, labels, captions -> tokens, boxes)
-    mode    crossattn | adm                (class only: context of length 1, or the UNet's label_emb)
+            superres | inpainting | semantic (a low-res image, a masked image + mask, a segmentation map)
+    mode    crossattn | adm | hybrid       (class: context of length 1, or the UNet's label_emb; layout: the
+            | concat                       tokens' context, or that plus a box map concatenated to x_t;
+                                           the spatial kinds: a map concatenated to x_t)
+
+Super-resolution and inpainting derive their inputs from the training images on the device, inside the train
+step (``input_deriver``: a degraded low-res copy; a random mask and the masked image), so they train from images,
+not from the latent cache. Semantic maps come from the data, like labels.
 
 Text models keep their tokenizer in the run directory (``lidiff.runs.tokenizer_dir``): copied there from
 ``conditioning.tokenizer`` at the start of training, or trained from the training captions when
@@ -23,7 +30,14 @@ from ml_collections import ConfigDict
 from lidiff import runs
 from lidiff.errors import ConfigError, MissingInputError
 
-KINDS = ("none", "class", "text", "layout")
+KINDS = ("none", "class", "text", "layout", "superres", "inpainting", "semantic")
+SPATIAL_KINDS = ("superres", "inpainting", "semantic")
+DERIVED_KINDS = ("superres", "inpainting")  # inputs made from the training images inside the step
+DEGRADATIONS = ("bicubic", "bsr_light")
+MASK_KINDS = ("box", "freeform", "mixed")
+# Training masks as large as the paper's LaMa-style ones: boxes of 30-70% of each side, strokes 10-30% of the side
+# thick; "mixed" masks then cover 34% of the image on average (5th-95th percentile 13-64%, measured at 32x32).
+LARGE_MASKS = dict(min_frac=0.3, max_frac=0.7, width_range=(0.1, 0.3), length_range=(0.2, 0.5))
 
 
 def check_conditioning(cond: ConfigDict, model: ConfigDict) -> None:
@@ -31,15 +45,24 @@ def check_conditioning(cond: ConfigDict, model: ConfigDict) -> None:
     if cond.kind not in KINDS:
         raise ConfigError(f"unknown config.diffusion.conditioning.kind {cond.kind!r}; choose one of {KINDS}")
     modes = {"none": ("crossattn",), "class": ("crossattn", "adm"), "text": ("crossattn",),
-             "layout": ("crossattn",)}[cond.kind]
+             "layout": ("crossattn", "hybrid"), "superres": ("concat",), "inpainting": ("concat",),
+             "semantic": ("concat",)}[cond.kind]
     if cond.mode not in modes:
         raise ConfigError(f"config.diffusion.conditioning.mode={cond.mode!r} does not fit kind={cond.kind!r}; "
                           f"choose one of {modes}")
     if not 0.0 <= cond.p_uncond <= 1.0:
         raise ConfigError(f"config.diffusion.conditioning.p_uncond={cond.p_uncond} must lie in [0, 1]")
-    if cond.kind in ("class", "layout") and cond.num_classes <= 0:
-        raise ConfigError(f"config.diffusion.conditioning.num_classes must be > 0 for kind={cond.kind!r} "
-                          f"({'classes' if cond.kind == 'class' else 'box classes'})")
+    if cond.kind in ("class", "layout", "semantic") and cond.num_classes <= 0:
+        what = {"class": "classes", "layout": "box classes", "semantic": "class ids of the maps"}[cond.kind]
+        raise ConfigError(f"config.diffusion.conditioning.num_classes must be > 0 for kind={cond.kind!r} ({what})")
+    if cond.kind == "superres":
+        if cond.sr_factor < 1:
+            raise ConfigError(f"config.diffusion.conditioning.sr_factor={cond.sr_factor} must be >= 1")
+        if cond.degradation not in DEGRADATIONS:
+            raise ConfigError(f"config.diffusion.conditioning.degradation={cond.degradation!r}: choose one of "
+                              f"{DEGRADATIONS}")
+    if cond.kind == "inpainting" and cond.mask_kind not in MASK_KINDS:
+        raise ConfigError(f"config.diffusion.conditioning.mask_kind={cond.mask_kind!r}: choose one of {MASK_KINDS}")
     cross = cond.kind in ("text", "layout") or (cond.kind == "class" and cond.mode == "crossattn")
     if cross:
         if not model.use_spatial_transformer:
@@ -55,17 +78,69 @@ def check_conditioning(cond: ConfigDict, model: ConfigDict) -> None:
         raise ConfigError("config.diffusion.conditioning.max_boxes must be > 0 for kind='layout'")
 
 
+def check_unet_channels(model: ConfigDict, latent_channels: int, conditioner: Any) -> None:
+    """The UNet takes the latent plus the conditioning's ``concat`` channels and predicts the latent's channels;
+    refuses other ``in_channels`` / ``out_channels``, giving the numbers that fit."""
+    want_in = latent_channels + conditioner.concat_channels
+    if model.in_channels != want_in:
+        extra = (f" + {conditioner.concat_channels} concatenated conditioning channels "
+                 f"(kind={conditioner.kind!r}, mode={conditioner.mode!r})" if conditioner.concat_channels else "")
+        raise ConfigError(f"config.diffusion.model.in_channels={model.in_channels}, but the UNet's input is "
+                          f"{latent_channels} latent channels{extra}: set in_channels={want_in}")
+    if model.out_channels != latent_channels:
+        raise ConfigError(f"config.diffusion.model.out_channels={model.out_channels}, but the UNet predicts the "
+                          f"first stage's {latent_channels} latent channels: set out_channels={latent_channels}")
+
+
+def input_deriver(cond: ConfigDict):
+    """For super-resolution and inpainting, ``derive(images, rng) -> inputs``: the conditioning made from a batch
+    of training images [B, H, W, 3] in [-1, 1] on the device (jit-able); None for every other kind.
+
+    superres: ``{"lowres": [B, H/s, W/s, 3]}`` by ``cond.degradation``; inpainting: ``{"mask": [B, H, W, 1]}``
+    (``cond.mask_kind``, 1 = to fill) and ``{"masked_image"}`` (the unknown pixels set to -1, as CompVis).
+    """
+    if cond.kind == "superres":
+        from lidiff.data import degradations
+
+        factor, how = int(cond.sr_factor), str(cond.degradation)
+        return lambda images, rng: {"lowres": degradations.lowres_for(images, rng, factor, how)}
+    if cond.kind == "inpainting":
+        from lidiff.data import masks
+
+        kind = str(cond.mask_kind)
+
+        def derive(images, rng):
+            m = masks.random_masks(rng, images.shape[0], images.shape[1], images.shape[2], kind=kind, **LARGE_MASKS)
+            return {"masked_image": masks.mask_images(images, m), "mask": m}
+
+        return derive
+    return None
+
+
 def unet_num_classes(cond: ConfigDict) -> int | None:
     """Rows of the UNet's ``label_emb`` (``adm`` mode: the classes + the null class), else None."""
     return cond.num_classes + 1 if cond.kind == "class" and cond.mode == "adm" else None
 
 
-def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any = None):
-    """The encoder of ``cond.kind`` (``lidiff.models.conditioning``); text needs the tokenizer."""
+def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any = None, first_stage: Any = None):
+    """The encoder of ``cond.kind`` (``lidiff.models.conditioning``, ``lidiff.models.spatial_conditioning``); text
+    needs the tokenizer, the spatial kinds the first stage (``lidiff.ldm.FirstStage``: its factor; inpainting
+    encodes with it)."""
     from lidiff.models import conditioning as enc
 
     if cond.kind == "none":
         return enc.Unconditional()
+    if cond.kind in SPATIAL_KINDS:
+        from lidiff.models import spatial_conditioning as spatial
+
+        if first_stage is None:
+            raise ValueError(f"conditioning kind {cond.kind!r} needs the first stage")
+        f = first_stage.downsample_factor
+        if cond.kind == "superres":
+            return spatial.SuperResolutionConditioning(cond.sr_factor, f)
+        if cond.kind == "inpainting":
+            return spatial.InpaintingConditioning(first_stage)
+        return spatial.SemanticConditioning(cond.num_classes, f, cond.map_channels, dtype)
     if cond.kind == "class":
         return enc.ClassConditioning(cond.num_classes, cond.embed_dim, cond.mode, dtype)
     from lidiff.models.text_transformer import TransformerEmbedder
@@ -95,7 +170,7 @@ def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any
                               f"vocab_size={cond.vocab_size}): {e}") from None
         return enc.LayoutConditioning(
             TransformerEmbedder(vocab_size=cond.vocab_size, max_seq_len=3 * cond.max_boxes, **transformer),
-            cond.num_classes, cond.max_boxes, cond.vocab_size)
+            cond.num_classes, cond.max_boxes, cond.vocab_size, cond.mode)
     raise ConfigError(f"unknown config.diffusion.conditioning.kind {cond.kind!r}; choose one of {KINDS}")
 
 
@@ -154,6 +229,8 @@ def num_groups(config: ConfigDict) -> int:
         return cond.num_classes
     if cond.kind == "text":
         return max(len(s.prompts), 1)
+    if cond.kind in SPATIAL_KINDS:
+        return s.num_images
     if cond.kind == "layout":
         if s.layout_file:
             from lidiff.data.layouts import read_layout_file
@@ -175,6 +252,8 @@ def sample_inputs(config: ConfigDict, n: int, tokenizer: Any = None, seed: int =
     cond, s = config.diffusion.conditioning, config.diffusion.sample
     if cond.kind == "none":
         return {}, {}
+    if cond.kind in SPATIAL_KINDS:
+        return spatial_sample_inputs(config, n, seed)
     if cond.kind == "class":
         labels = (np.arange(n) % cond.num_classes).astype(np.int32)
         return {"label": labels}, {"labels": labels}
@@ -201,3 +280,60 @@ def sample_inputs(config: ConfigDict, n: int, tokenizer: Any = None, seed: int =
         boxes, labels = random_layouts(n, seed=seed, max_boxes=cond.max_boxes, canvas=config.data.resolution,
                                        max_digits=cond.max_boxes)
     return {"boxes": boxes, "box_labels": labels}, {"boxes": boxes, "box_labels": labels}
+
+
+def spatial_sample_inputs(config: ConfigDict, n: int, seed: int = 0) -> tuple[dict[str, np.ndarray],
+                                                                             dict[str, np.ndarray]]:
+    """Spatial conditioning for ``n`` samples from the first ``n`` usable examples of ``sample.cond_data`` (else
+    ``config.data``) at ``sample.cond_resolution`` (else ``data.resolution``).
+
+    superres / inpainting: the inputs are derived from those images as in training (``input_deriver``, with
+    ``PRNGKey(seed)``); ``record`` keeps ``targets`` (the images, uint8 [N, R, R, 3]) and ``inputs`` (the low-res
+    images, uint8) or ``masks`` (uint8 [N, R, R], **1 = known**). semantic: the maps, recorded as
+    ``segmentations`` [N, R, R]. The examples' ``label`` (if any) becomes ``labels``; a source that gives regions'
+    ``boxes`` and ``box_labels`` has them recorded too (so each region can be scored like a layout box).
+    """
+    import jax
+
+    from lidiff.data.pipeline import prepare_example
+    from lidiff.data.transforms import to_uint8
+    from lidiff.train.common import make_source_from_config
+
+    cond, s = config.diffusion.conditioning, config.diffusion.sample
+    data = s.cond_data if s.cond_data.source else config.data
+    resolution = int(s.cond_resolution or config.data.resolution)
+    source = make_source_from_config(data, seed)
+    fields = []
+    if cond.kind == "semantic":
+        from lidiff.data.spatial import SegmentationField
+
+        fields = [SegmentationField(cond.num_classes, resolution)]
+    images, values, extras = [], [], {}
+    for index in range(min(len(source), 64 * n)):
+        example = source[index]
+        prepared = prepare_example(example, fields, resolution)
+        if isinstance(prepared, str):
+            continue
+        images.append(prepared[0])
+        values.append(prepared[1])
+        for key in ("label", "boxes", "box_labels"):
+            if example.get(key) is not None:
+                extras.setdefault(key, []).append(np.asarray(example[key]))
+        if len(images) == n:
+            break
+    if len(images) < n:
+        raise ConfigError(f"config.diffusion.sample.cond_data ({data.source!r}) gives only {len(images)} usable "
+                          f"examples; the samples need {n}")
+    record = {{"label": "labels"}.get(k, k): np.stack(v) for k, v in extras.items() if len(v) == n}
+    if cond.kind == "semantic":
+        segmentation = np.stack([v["segmentation"] for v in values]).astype(np.int32)
+        return {"segmentation": segmentation}, {**record, "segmentations": segmentation}
+    images = np.stack(images)
+    inputs = jax.device_get(jax.jit(input_deriver(cond))(images, jax.random.PRNGKey(seed)))
+    inputs = {k: np.asarray(v) for k, v in inputs.items()}
+    record["targets"] = to_uint8(images)
+    if cond.kind == "superres":
+        record["inputs"] = to_uint8(inputs["lowres"])
+    else:
+        record["masks"] = (inputs["mask"][..., 0] < 0.5).astype(np.uint8)
+    return inputs, record

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -66,13 +66,16 @@ class StepSettings:
     ema_decay: float
     ema_warmup: bool
     dropout: bool  # whether the UNet's dropout is on
+    # super-resolution / inpainting: (images, rng) -> the conditioning inputs, made on the device
+    derive_inputs: Callable[[jax.Array, jax.Array], dict] | None = None
 
     @classmethod
     def from_config(cls, stage: ConfigDict, seed: int) -> "StepSettings":
         return cls(seed=seed, p_uncond=float(stage.conditioning.p_uncond),
                    parameterization=stage.process.parameterization, loss_type=stage.process.loss_type,
                    min_snr_gamma=stage.process.min_snr_gamma or None, ema_decay=stage.train.ema_decay,
-                   ema_warmup=stage.train.ema_warmup, dropout=stage.model.dropout > 0)
+                   ema_warmup=stage.train.ema_warmup, dropout=stage.model.dropout > 0,
+                   derive_inputs=conditioning_setup.input_deriver(stage.conditioning))
 
 
 def make_optimizer(optim: ConfigDict) -> optax.GradientTransformation:
@@ -96,13 +99,18 @@ def unscaled_latents(ldm: LatentDiffusion, batch: dict, first_stage_params: Any,
     return jax.lax.stop_gradient(posterior.sample(rng))
 
 
-def conditioning_inputs(ldm: LatentDiffusion, batch: dict, p_uncond: float, rng: jax.Array) -> dict:
-    """The batch's raw conditioning inputs, each row replaced by the null input with probability ``p_uncond``."""
-    inputs = {k: batch[k] for k in ldm.conditioner.input_specs}
+def conditioning_inputs(ldm: LatentDiffusion, batch: dict, p_uncond: float, rng: jax.Array, *,
+                        derive: Callable | None = None, latent_hw: tuple[int, int] | None = None) -> dict:
+    """The batch's raw conditioning inputs (or those ``derive(batch["image"], key)`` makes from its images), each
+    row replaced by the null input (sized for ``latent_hw`` latents) with probability ``p_uncond``."""
+    if derive is not None:
+        inputs = derive(batch["image"], jax.random.fold_in(rng, 1))
+    else:
+        inputs = {k: batch[k] for k in ldm.conditioner.input_specs}
     if not inputs or p_uncond <= 0:
         return inputs
     rows = next(iter(inputs.values())).shape[0]
-    return drop_to_null(ldm.conditioner, inputs, jax.random.uniform(rng, (rows,)) < p_uncond)
+    return drop_to_null(ldm.conditioner, inputs, jax.random.uniform(rng, (rows,)) < p_uncond, latent_hw)
 
 
 def train_step(state: DiffusionState, batch: dict, first_stage_params: Any, *, ldm: LatentDiffusion,
@@ -115,10 +123,11 @@ def train_step(state: DiffusionState, batch: dict, first_stage_params: Any, *, l
     rng = jax.random.fold_in(jax.random.PRNGKey(settings.seed), state.step)
     k_latent, k_loss, k_drop, k_uncond = jax.random.split(rng, 4)
     z = unscaled_latents(ldm, batch, first_stage_params, k_latent) * state.scale_factor
-    inputs = conditioning_inputs(ldm, batch, settings.p_uncond, k_uncond)
+    inputs = conditioning_inputs(ldm, batch, settings.p_uncond, k_uncond, derive=settings.derive_inputs,
+                                 latent_hw=z.shape[1:3])
 
     def loss_fn(params):
-        cond = ldm.encode_condition(params, inputs)
+        cond = ldm.encode_condition(params, inputs, latent_hw=z.shape[1:3], first_stage_params=first_stage_params)
         model_fn = lambda x_t, t: ldm.apply_model(  # noqa: E731
             params, x_t, t, cond, deterministic=not settings.dropout, dropout_rng=k_drop)
         return diffusion_loss(model_fn, ldm.schedule, z, k_loss, parameterization=settings.parameterization,
@@ -147,15 +156,12 @@ class DiffusionTrainer:
         dtype = compute_dtype(stage.train.dtype)
         self.first_stage = first_stage
         self.tokenizer = tokenizer
-        if stage.model.in_channels != first_stage.latent_channels:
-            raise ConfigError(
-                f"config.diffusion.model.in_channels ({stage.model.in_channels}) != the first stage's latent "
-                f"channels ({first_stage.latent_channels}); set them equal"
-            )
         conditioning_setup.check_conditioning(stage.conditioning, stage.model)
+        conditioner = conditioning_setup.build_conditioner(stage.conditioning, dtype, tokenizer, first_stage)
+        conditioning_setup.check_unet_channels(stage.model, first_stage.latent_channels, conditioner)
         self.ldm = LatentDiffusion(
             unet=builders.build_unet(stage.model, conditioning_setup.unet_num_classes(stage.conditioning), dtype),
-            conditioner=conditioning_setup.build_conditioner(stage.conditioning, dtype, tokenizer),
+            conditioner=conditioner,
             schedule=DiffusionSchedule.create(stage.process.schedule, stage.process.num_timesteps,
                                               stage.process.linear_start, stage.process.linear_end),
             parameterization=stage.process.parameterization,
@@ -168,6 +174,11 @@ class DiffusionTrainer:
     @property
     def conditional(self) -> bool:
         return self.ldm.conditional
+
+    @property
+    def batch_inputs(self) -> tuple[str, ...]:
+        """The conditioning inputs the batches must carry (none when the step derives them from the images)."""
+        return () if self.settings.derive_inputs is not None else tuple(self.ldm.conditioner.input_specs)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         f = self.first_stage.downsample_factor
@@ -189,6 +200,12 @@ def data_fields(config: ConfigDict, tokenizer: Any) -> list:
     from lidiff.data.fields import fields_for
 
     cond = config.diffusion.conditioning
+    if cond.kind in conditioning_setup.DERIVED_KINDS:
+        return []
+    if cond.kind == "semantic":
+        from lidiff.data.spatial import SegmentationField
+
+        return [SegmentationField(cond.num_classes, config.data.resolution)]
     return fields_for(cond.kind, tokenizer=tokenizer, max_length=cond.max_length, max_boxes=cond.max_boxes)
 
 
@@ -270,9 +287,9 @@ def _open_loader(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, 
         path = _prepare_cache(config, trainer, fs_params, workdir, mesh, fields)
         return CachedLatentLoader(path, global_batch_size=stage.train.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                  required=tuple(trainer.ldm.conditioner.input_specs))
+                                  required=trainer.batch_inputs)
     loader = make_loader(config.data, stage.train.batch_size, config.seed, fields=fields)
-    missing = [k for k in trainer.ldm.conditioner.input_specs if k not in loader.field_names]
+    missing = [k for k in trainer.batch_inputs if k not in loader.field_names]
     if missing:
         raise ConfigError(f"conditioning.kind={stage.conditioning.kind!r} needs {', '.join(missing)} from the data, "
                           f"but config.data.source={config.data.source!r} gives none (for class labels set "
@@ -286,6 +303,10 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(stage.train.batch_size, mesh, "config.diffusion.train.batch_size")
     conditioning_setup.check_conditioning(stage.conditioning, stage.model)
+    if stage.latent_cache.enabled and stage.conditioning.kind in conditioning_setup.DERIVED_KINDS:
+        raise ConfigError(f"conditioning.kind={stage.conditioning.kind!r} makes its inputs from the training images "
+                          "in every step, which the latent cache does not keep: set "
+                          "config.diffusion.latent_cache.enabled=False")
     first_stage, fs_params = load_inputs(config, workdir)
     fs_params = parallel.put_replicated(fs_params, mesh)
     tokenizer = conditioning_setup.prepare_tokenizer(config, workdir, captions=functools.partial(
@@ -301,7 +322,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
                                               key, scale)
     first_batch = loader.batch_at(0)
     encoding_keys = tuple(k for k in ("image",) + ENCODING_KEYS if k in first_batch)
-    keys = encoding_keys + tuple(trainer.ldm.conditioner.input_specs)
+    keys = encoding_keys + trainer.batch_inputs
     start = 0
     if checkpointer.latest_step() is not None:
         state = init(jax.random.PRNGKey(config.seed), jnp.float32(1.0), latent_shape)
@@ -335,10 +356,11 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
 
     s = stage.sample
     grid_inputs, _ = conditioning_setup.sample_inputs(config, s.num_images, tokenizer, seed=config.seed)
+    grid_shape = sample_latent_shape(trainer.ldm, grid_inputs, latent_shape)
 
     def images(state: DiffusionState, batch: dict) -> dict[str, np.ndarray]:
         x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed),
-                                 num=s.num_images, latent_shape=latent_shape, inputs=grid_inputs,
+                                 num=s.num_images, latent_shape=grid_shape, inputs=grid_inputs,
                                  sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
         return {"samples_ema": image_grid(to_uint8(x))}
 
@@ -381,10 +403,49 @@ def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: Di
     inputs, record = repeat(inputs), repeat(record)
     num = groups * s.final_samples_per_class
     x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed + 1),
-                             num=num, latent_shape=latent_shape, inputs=inputs, sampler=s.sampler, steps=s.steps,
-                             eta=s.eta, guidance_scale=s.guidance_scale)
+                             num=num, latent_shape=sample_latent_shape(trainer.ldm, inputs, latent_shape),
+                             inputs=inputs, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                             guidance_scale=s.guidance_scale)
     labels = record.pop("labels", None)
-    path = save_samples(workdir, to_uint8(x), labels, write_pngs=False, conditioning=record,
-                        grid_cols=s.final_samples_per_class if trainer.conditional else None)
+    images = to_uint8(x)
+    grid = conditioning_grid(images, record)
+    path = save_samples(workdir, images, labels, write_pngs=False, conditioning=record,
+                        grid_cols=3 if grid is not None else s.final_samples_per_class if trainer.conditional else None,
+                        grid=grid)
     logging.info("wrote %d samples to %s", num, path)
+    if "inputs" in record and "targets" in record and images.shape[1] >= 11:
+        from lidiff.metrics.reconstruction import super_resolution_quality
+
+        q = super_resolution_quality(images, record["inputs"], record["targets"])
+        logging.info("super-resolution on %d held-out images: PSNR %.2f dB, SSIM %.4f (bicubic upsampling: PSNR "
+                     "%.2f dB, SSIM %.4f)", num, q["psnr"], q["ssim"], q["bicubic_psnr"], q["bicubic_ssim"])
     return path
+
+
+def sample_latent_shape(ldm: LatentDiffusion, inputs: dict, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The latent shape to sample for ``inputs``: the size spatial conditioning implies, else ``default``."""
+    hw = ldm.latent_hw(inputs)
+    return default if hw is None else (int(hw[0]), int(hw[1]), int(default[2]))
+
+
+def conditioning_grid(images: np.ndarray, record: dict) -> np.ndarray | None:
+    """For spatial conditioning, triplets ``input | sample | target`` (rows of 3 in the grid): the low-res input
+    enlarged (nearest), the masked image (the unknown region grey) or the coloured map; None otherwise.
+
+    images: uint8 [N, H, W, 3]; record: ``spatial_sample_inputs``'s record, repeated to N rows.
+    """
+    n, h, w = images.shape[:3]
+    if "inputs" in record:
+        low = np.asarray(record["inputs"])
+        shown = np.repeat(np.repeat(low, h // low.shape[1], axis=1), w // low.shape[2], axis=2)
+    elif "masks" in record:
+        shown = np.where(np.asarray(record["masks"])[..., None] > 0, record["targets"], 128).astype(np.uint8)
+    elif "segmentations" in record:
+        seg = np.asarray(record["segmentations"])
+        palette = np.random.default_rng(0).integers(64, 256, (int(seg.max()) + 1, 3)).astype(np.uint8)
+        palette[0] = 0
+        shown = palette[seg]
+    else:
+        return None
+    target = np.asarray(record.get("targets", shown))
+    return np.stack([shown, images, target], axis=1).reshape(3 * n, h, w, 3)

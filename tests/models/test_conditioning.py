@@ -23,6 +23,8 @@ ENCODERS = {
     "class_adm": enc.ClassConditioning(num_classes=5, embed_dim=D, mode="adm"),
     "text": enc.TextConditioning(transformer(50, len(NULL_TOKENS)), NULL_TOKENS),
     "layout": enc.LayoutConditioning(transformer(1030, 6), num_classes=10, max_boxes=2, vocab_size=1030),
+    "layout_hybrid": enc.LayoutConditioning(transformer(1030, 6), num_classes=10, max_boxes=2, vocab_size=1030,
+                                            mode="hybrid"),
     "none": enc.Unconditional(),
 }
 
@@ -35,20 +37,24 @@ INPUTS = {
                "box_labels": np.array([[1, 7], [3, -1], [9, -1]], np.int32)},
     "none": {},
 }
+INPUTS["layout_hybrid"] = INPUTS["layout"]
+LATENT_HW = (8, 12)
 
 EXPECTED = {"class_crossattn": {"context": (B, 1, D)}, "class_adm": {"y": (B,)}, "text": {"context": (B, 6, D)},
-            "layout": {"context": (B, 6, D)}, "none": {}}
+            "layout": {"context": (B, 6, D)}, "layout_hybrid": {"context": (B, 6, D), "concat": (B, 8, 12, 10)},
+            "none": {}}
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_encoder_output_keys_shapes_and_null_input(name):
     encoder, inputs = ENCODERS[name], INPUTS[name]
     params = encoder.init(jax.random.PRNGKey(0))
-    cond = encoder.encode(params, inputs)
+    cond = encoder.encode(params, inputs, latent_hw=LATENT_HW)
+    assert encoder.concat_channels == (cond["concat"].shape[-1] if "concat" in cond else 0)
     assert {k: v.shape for k, v in cond.items()} == EXPECTED[name]
     null = encoder.null_inputs(B)
     enc.check_inputs(encoder, jax.device_get(null), B)  # the null input is itself a valid input
-    null_cond = encoder.encode(params, null)
+    null_cond = encoder.encode(params, null, latent_hw=LATENT_HW)
     for key in cond:  # the null input encodes to something else than a real input
         assert np.abs(np.asarray(null_cond[key], np.float32) - np.asarray(cond[key], np.float32)).max() > 0
         # and every row of the null input encodes alike

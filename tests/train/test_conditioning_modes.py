@@ -21,11 +21,9 @@ The class ``crossattn`` mode is covered by tests/train/test_diffusion_trainer.py
 """
 
 import json
-import logging as std_logging
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
@@ -42,11 +40,10 @@ from lidiff.data.pipeline import epoch_permutation
 from lidiff.data.text import load_tokenizer, null_tokens, tokenize
 from lidiff.errors import ConfigError
 from lidiff.runs import latent_cache_path, load_latent_diffusion, tokenizer_dir
-from lidiff.train.autoencoder import AutoencoderTrainer
-from lidiff.train.autoencoder import checkpoint_meta as ae_checkpoint_meta
 from lidiff.train.common import make_loader
 from lidiff.train.conditioning import check_conditioning
 from lidiff.train.diffusion import conditioning_inputs, data_fields, train_diffusion
+from stage2_support import randomized_kernels, train_recorded, write_random_first_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RES, BATCH, LATENT_CH, EMBED = 32, 8, 2, 16
@@ -73,7 +70,8 @@ def stage2_config(kind: str, data: ConfigDict, fs_workdir: str = "", *, mode: st
                   cache: bool = False, p_uncond: float = 0.2) -> ConfigDict:
     """The tiny experiment of ``kind`` (class / text / layout) on ``data`` (see the module docstring)."""
     cross = not (kind == "class" and mode == "adm")
-    unet = base.unet_model(in_channels=LATENT_CH, out_channels=LATENT_CH, model_channels=32, channel_mult=(1,),
+    concat = DIGIT_CLASSES if mode == "hybrid" else 0  # hybrid layouts add one box-map channel per class
+    unet = base.unet_model(in_channels=LATENT_CH + concat, out_channels=LATENT_CH, model_channels=32, channel_mult=(1,),
                            num_res_blocks=1, attention_resolutions=(), num_heads=2, num_head_channels=-1,
                            legacy=False, use_spatial_transformer=cross, context_dim=EMBED if cross else 0,
                            use_scale_shift_norm=True)
@@ -115,20 +113,9 @@ def layout_data() -> ConfigDict:
 
 @pytest.fixture(scope="module")
 def fs_workdir(tmp_path_factory):
-    """A stage-1 workdir holding a tiny KL autoencoder checkpoint as stage 1 saves it: randomly initialised
-    autoencoder params, every other item of the stage-1 state zero (only the autoencoder's init is compiled)."""
-    workdir = str(tmp_path_factory.mktemp("stage1"))
-    config = stage2_config("class", class_data(), mode="adm")
-    trainer = AutoencoderTrainer(config.autoencoder, seed=0)
-    rng = jax.random.PRNGKey(0)
-    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init_state, rng))
-    x = np.zeros((1, RES, RES, 3), np.float32)
-    ae = jax.jit(lambda key: trainer.model.init(key, x, sample_posterior=False)["params"])(rng)
-    state = state.replace(params={**state.params, "autoencoder": ae})
-    checkpointer = Checkpointer(os.path.join(workdir, "autoencoder", "checkpoints"))
-    checkpointer.save(1, state, ae_checkpoint_meta(config))
-    checkpointer.close()
-    return workdir
+    """A stage-1 workdir holding a tiny random KL autoencoder checkpoint."""
+    return write_random_first_stage(str(tmp_path_factory.mktemp("stage1")),
+                                    stage2_config("class", class_data(), mode="adm"), RES)
 
 
 @pytest.fixture(scope="module")
@@ -151,26 +138,7 @@ def caption_dir(tmp_path_factory):
     return str(root)
 
 
-class _Records(std_logging.Handler):
-    def __init__(self):
-        super().__init__(std_logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _train(kind: str, config: ConfigDict, workdir: str):
-    config.lock()
-    handler = _Records()
-    absl_logger = std_logging.getLogger("absl")
-    absl_logger.addHandler(handler)
-    try:
-        state = train_diffusion(config, workdir)
-    finally:
-        absl_logger.removeHandler(handler)
-    return types.SimpleNamespace(kind=kind, config=config, workdir=workdir, state=jax.device_get(state),
-                                 warnings=handler.messages)
+_train = train_recorded
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +157,7 @@ def text_run(fs_workdir, caption_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def layout_run(fs_workdir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("layout") / "run")
-    return _train("layout", stage2_config("layout", layout_data(), fs_workdir), workdir)
+    return _train("layout", stage2_config("layout", layout_data(), fs_workdir, mode="hybrid"), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -211,25 +179,6 @@ def loaded(run):
 def _forget_loaded():
     yield
     _LOADED.clear()
-
-
-def randomized_kernels(params, seed: int = 0):
-    """``params`` on the host with the kernels that were zero-initialised (the UNet's output conv, each resblock's
-    last conv, each transformer's proj_out) drawn at random: 2 training steps leave them at about lr * steps, so
-    the images would hardly depend on the conditioning. Initialised kernels all have entries far above 0.01."""
-    rng = np.random.default_rng(seed)
-    count = [0]
-
-    def randomize(path, x):
-        x = np.asarray(x)
-        if jax.tree_util.keystr(path).endswith("['kernel']") and np.abs(x).max() < 0.01:
-            count[0] += 1
-            return 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
-        return x
-
-    out = jax.tree_util.tree_map_with_path(randomize, jax.device_get(params))
-    assert count[0] >= 2, "expected the zero-initialised output convs among the kernels"
-    return out
 
 
 def rows(inputs: dict, index) -> dict:
@@ -263,7 +212,7 @@ def test_trains_saves_and_samples_by_conditioning(runs, name):
     finally:
         checkpointer.close()
     assert saved.diffusion.conditioning.kind == run.kind
-    assert saved.diffusion.conditioning.mode == ("adm" if name == "adm" else "crossattn")
+    assert saved.diffusion.conditioning.mode == {"adm": "adm", "text": "crossattn", "layout": "hybrid"}[name]
 
     model = loaded(run)
     assert model.step == NUM_STEPS and model.ldm.conditioner.kind == run.kind
@@ -273,6 +222,8 @@ def test_trains_saves_and_samples_by_conditioning(runs, name):
     if name == "adm":  # labels reach the UNet's label_emb (classes + the null class), not a context
         assert model.params["unet"]["label_emb"]["embedding"].shape[0] == CLASSES + 1
         assert model.params["cond"] == {}
+    if name == "layout":  # hybrid: the UNet's first convolution reads the latent and one box map per digit class
+        assert model.params["unet"]["input_blocks_0_0"]["kernel"].shape[2] == LATENT_CH + DIGIT_CLASSES
 
     pair = two_conditionings(run, model)
     mixed = rows(pair, [0, 1] * (BATCH // 2))  # rows alternate the two conditionings
