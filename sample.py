@@ -16,7 +16,16 @@ null input (null class, empty prompt, no boxes):
     --prompt="a photo of a cat" ...       text models (repeatable), or --prompts_file=FILE (one prompt per line)
     --layout=FILE.json                    layout models: [[{"bbox": [x0, y0, x1, y1], "label": 3}, ...], ...]
 
-``samples.npz`` records the conditioning next to the images: ``labels``, ``prompts``, ``boxes``/``box_labels``.
+Spatial conditioning, a file or a folder (folders pair files by name); one sample per input unless
+``--num_samples`` is given, at the size the input implies (a 2x larger input gives a 2x larger image):
+
+    --cond_image=low.png                  super-resolution: the low-res image(s)
+    --cond_image=photo.png --mask=m.png   inpainting: white mask pixels are filled, the rest is kept exactly
+    --segmentation=map.png                semantic synthesis: a PNG of class ids (greyscale, palette or 16-bit)
+    --tile=64 --tile_overlap=16           denoise and decode latents larger than 64x64 tile by tile
+
+``samples.npz`` records the conditioning next to the images: ``labels``, ``prompts``, ``boxes``/``box_labels``,
+``inputs`` (low-res images), ``masks`` (1 = known) and ``masked_images``, or ``segmentations``.
 """
 
 import os
@@ -52,6 +61,13 @@ flags.DEFINE_multi_string("prompt", [], "A prompt to sample (repeatable, cycled;
 flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (text models).")
 flags.DEFINE_string("layout", None, "A layout JSON file (layout models): a list of layouts, each a list of "
                     "{\"bbox\": [x0, y0, x1, y1] fractions, \"label\": class id}.")
+flags.DEFINE_string("cond_image", None, "Super-resolution: low-res image file or folder; inpainting: the images "
+                    "to inpaint (with --mask).")
+flags.DEFINE_string("mask", None, "Inpainting: mask file or folder (white = the region to fill), sized like "
+                    "--cond_image.")
+flags.DEFINE_string("segmentation", None, "Semantic synthesis: class-id PNG file or folder.")
+flags.DEFINE_integer("tile", 0, "Latent tile side for tiled denoising and decoding (0 = untiled).")
+flags.DEFINE_integer("tile_overlap", 16, "Overlap of neighbouring latent tiles (with --tile).")
 flags.DEFINE_integer("step", 0, "Checkpoint step to load (default: the latest).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -79,21 +95,57 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return prompts
 
 
-GIVEN_FOR = {"class": "--class_label/--labels", "text": "--prompt/--prompts_file", "layout": "--layout"}
+GIVEN_FOR = {"class": "--class_label/--labels", "text": "--prompt/--prompts_file", "layout": "--layout",
+             "superres": "--cond_image", "inpainting": "--cond_image and --mask", "semantic": "--segmentation"}
+ACCEPTS = {"class": ("--class_label/--labels",), "text": ("--prompt/--prompts_file",), "layout": ("--layout",),
+           "superres": ("--cond_image",), "inpainting": ("--cond_image", "--mask"), "semantic": ("--segmentation",)}
+SPATIAL_FLAGS = {"superres": ("cond_image",), "inpainting": ("cond_image", "mask"), "semantic": ("segmentation",)}
 
 
-def conditioning(model, num: int) -> tuple[dict, dict]:
-    """The raw conditioning inputs of ``num`` samples from the flags, and what samples.npz records of them.
+def spatial_conditioning(kind: str, num_classes: int) -> tuple[dict, dict]:
+    """The spatial inputs the flags name (one row per file) and what samples.npz records of them."""
+    from lidiff.data import cond_images
+    from lidiff.data.transforms import to_uint8 as uint8
+
+    FLAGS = flags.FLAGS
+    if kind == "superres":
+        if not FLAGS.cond_image:
+            raise ConfigError("this is a super-resolution model: give --cond_image=FILE_OR_FOLDER (low-res images)")
+        inputs = cond_images.read_lowres(FLAGS.cond_image)
+        return inputs, {"inputs": uint8(inputs["lowres"])}
+    if kind == "inpainting":
+        if not FLAGS.cond_image:
+            raise ConfigError("this is an inpainting model: give --cond_image=FILE_OR_FOLDER and --mask=... "
+                              "(white = the region to fill)")
+        inputs = cond_images.read_inpainting(FLAGS.cond_image, FLAGS.mask)
+        return inputs, {"masks": (inputs["mask"][..., 0] < 0.5).astype(np.uint8),
+                        "masked_images": uint8(inputs["masked_image"])}
+    if not FLAGS.segmentation:
+        raise ConfigError("this is a semantic-synthesis model: give --segmentation=FILE_OR_FOLDER (class-id PNGs)")
+    inputs = cond_images.read_segmentation(FLAGS.segmentation, num_classes)
+    return inputs, {"segmentations": inputs["segmentation"]}
+
+
+def conditioning(model, num: int | None) -> tuple[dict, dict]:
+    """The raw conditioning inputs of ``num`` samples from the flags (None: one per spatial input file), and what
+    samples.npz records of them.
 
     Refuses conditioning the model does not take, and a text or layout model without its input."""
     FLAGS = flags.FLAGS
     cond = model.config.diffusion.conditioning
-    given = {"class": bool(FLAGS.class_label or FLAGS.labels), "text": bool(FLAGS.prompt or FLAGS.prompts_file),
-             "layout": bool(FLAGS.layout)}
-    wrong = [GIVEN_FOR[k] for k, v in given.items() if v and k != cond.kind]
+    given = {"--class_label/--labels": bool(FLAGS.class_label or FLAGS.labels),
+             "--prompt/--prompts_file": bool(FLAGS.prompt or FLAGS.prompts_file), "--layout": bool(FLAGS.layout),
+             "--cond_image": bool(FLAGS.cond_image), "--mask": bool(FLAGS.mask),
+             "--segmentation": bool(FLAGS.segmentation)}
+    wrong = [k for k, v in given.items() if v and k not in ACCEPTS.get(cond.kind, ())]
     if wrong:
         takes = f"takes {GIVEN_FOR[cond.kind]}" if cond.kind in GIVEN_FOR else "is unconditional"
         raise ConfigError(f"{', '.join(wrong)} given, but this model ({FLAGS.workdir}) {takes}")
+    if cond.kind in SPATIAL_FLAGS:
+        inputs, record = spatial_conditioning(cond.kind, cond.num_classes)
+        rows = len(next(iter(inputs.values())))
+        index = np.arange(rows if num is None else num) % rows
+        return ({k: v[index] for k, v in inputs.items()}, {k: v[index] for k, v in record.items()})
     if cond.kind == "class":
         labels = class_labels(FLAGS.class_label + FLAGS.labels, cond.num_classes, num)
         return {"label": labels}, {"labels": labels}
@@ -131,22 +183,38 @@ def main(argv):
     model = load_latent_diffusion(FLAGS.workdir, FLAGS.step or None, FLAGS.config)
     config, trainer = model.config, model.trainer
     f = trainer.first_stage.downsample_factor
+    num = FLAGS.num_samples
+    if config.diffusion.conditioning.kind in SPATIAL_FLAGS:
+        if FLAGS.height or FLAGS.width:
+            raise ConfigError("--height/--width: a spatially conditioned model samples at the size of its input")
+        if not FLAGS["num_samples"].present:
+            num = None  # one sample per input file
     height = FLAGS.height or config.data.resolution
     width = FLAGS.width or config.data.resolution
     if height % f or width % f:
         raise ConfigError(f"--height/--width must be multiples of the first stage's factor {f}")
     latent_shape = (height // f, width // f, trainer.first_stage.latent_channels)
-    inputs, record = conditioning(model, FLAGS.num_samples)
+    inputs, record = conditioning(model, num)
+    num = len(next(iter(inputs.values()))) if num is None else num
+    try:
+        implied = model.ldm.latent_hw(inputs)
+    except ValueError as e:
+        flag = "--segmentation" if FLAGS.segmentation else "--cond_image"
+        raise ConfigError(f"{flag}: {e}") from None
+    if implied is not None:
+        latent_shape = (implied[0], implied[1], latent_shape[2])
+        height, width = implied[0] * f, implied[1] * f
     logging.info("sampling %d images of %dx%d with %s (%d steps, eta %g, guidance %g) from step %d",
-                 FLAGS.num_samples, height, width, FLAGS.sampler, FLAGS.steps, FLAGS.eta, FLAGS.guidance_scale,
+                 num, height, width, FLAGS.sampler, FLAGS.steps, FLAGS.eta, FLAGS.guidance_scale,
                  model.step)
     steps = None if FLAGS.sampler == "ddpm" else FLAGS.steps
-    with tqdm(total=FLAGS.num_samples, desc="sampling", unit="img") as bar:
+    with tqdm(total=num, desc="sampling", unit="img") as bar:
         images = model.ldm.generate(model.params, model.first_stage_params, model.scale_factor,
-                                    jax.random.PRNGKey(FLAGS.seed), num=FLAGS.num_samples,
+                                    jax.random.PRNGKey(FLAGS.seed), num=num,
                                     latent_shape=latent_shape, inputs=inputs, sampler=FLAGS.sampler, steps=steps,
                                     eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale,
-                                    batch_size=min(FLAGS.batch_size, FLAGS.num_samples), progress=bar.update)
+                                    batch_size=min(FLAGS.batch_size, num), progress=bar.update,
+                                    tile=FLAGS.tile or None, tile_overlap=FLAGS.tile_overlap)
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
     settings = {"sampler": FLAGS.sampler, "steps": steps or 0, "eta": FLAGS.eta,
                 "guidance_scale": FLAGS.guidance_scale, "seed": FLAGS.seed, "step": model.step}
