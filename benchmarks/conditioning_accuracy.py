@@ -2,6 +2,7 @@
 
     python benchmarks/conditioning_accuracy.py runs/digits_text              # a finished workdir
     python benchmarks/conditioning_accuracy.py runs/digits_layout/samples.npz
+    python benchmarks/conditioning_accuracy.py runs/digits_inpaint     # also digits_semantic, photos_sr4x
 
 The kind of run is read from the keys of ``samples.npz``:
 
@@ -16,6 +17,12 @@ The kind of run is read from the keys of ``samples.npz``:
   the same crops of real ``DigitsLayoutSource`` layouts (the training distribution) are scored too: that is the
   ceiling the crop-and-classify reading allows.
 - class (``labels`` only, e.g. the quickstart): as ``quickstart_accuracy.py``.
+- inpaint (``configs/digits_inpaint.py``; ``targets``, ``masks`` 1 = known, ``labels``): the inpainted digits read
+  as above, against the same reading of the masked inputs (what the model was given) and of the originals.
+- semantic (``configs/digits_semantic.py``; ``segmentations`` and each region's ``boxes`` / ``box_labels``): every
+  region cropped and read like a layout box, against the reading of the maps' own ink.
+- superres (``configs/photos_sr4x.py``; ``inputs``, ``targets``): PSNR / SSIM of the outputs and of bicubic
+  upsampling of the inputs, against the targets.
 
 Each table ends with chance: the same readings scored against shuffled labels (``chance_accuracy``), which is
 what a generator that ignores its conditioning gets; it exceeds 10% when the classifier favours one digit.
@@ -47,8 +54,15 @@ samples_to_digit_features = qa.samples_to_digit_features
 
 
 def detect_kind(keys) -> str:
-    """``samples.npz`` keys -> "layout" (boxes), "text" (prompts) or "class" (labels only)."""
+    """``samples.npz`` keys -> "superres" (inputs + targets), "inpaint" (masks + targets + labels), "semantic"
+    (segmentations + region boxes), "layout" (boxes), "text" (prompts) or "class" (labels only)."""
     keys = set(keys)
+    if {"inputs", "targets"} <= keys:
+        return "superres"
+    if {"masks", "targets", "labels"} <= keys:
+        return "inpaint"
+    if {"segmentations", "boxes", "box_labels"} <= keys:
+        return "semantic"
     if {"boxes", "box_labels"} <= keys:
         return "layout"
     if "prompts" in keys and "labels" in keys:
@@ -134,14 +148,47 @@ def real_layout_accuracy(classifier: Any, canvas: int, max_boxes: int, num: int 
     return float(np.mean(read["predicted"] == read["labels"]))
 
 
+def evaluate_inpaint(data: dict[str, np.ndarray], classifier: Any) -> dict[str, Any]:
+    """Digits read from the inpainted results, from the masked inputs (unknown pixels black, as the model got
+    them) and from the originals (the ceiling)."""
+    labels, masks = data["labels"], data["masks"]
+    masked = np.where(masks[..., None] > 0, data["targets"], 0).astype(np.uint8)
+    read = {name: classifier.predict(samples_to_digit_features(x))
+            for name, x in (("inpainted", data["images"]), ("masked", masked), ("original", data["targets"]))}
+    return {"kind": "inpaint", "accuracy": float(np.mean(read["inpainted"] == labels)), "labels": labels,
+            "predicted": read["inpainted"], "per_class": qa.per_class_accuracy(read["inpainted"], labels),
+            "masked_accuracy": float(np.mean(read["masked"] == labels)),
+            "original_accuracy": float(np.mean(read["original"] == labels)),
+            "unknown_fraction": float(1.0 - masks.mean())}
+
+
+def evaluate_semantic(data: dict[str, np.ndarray], classifier: Any) -> dict[str, Any]:
+    """Each map region read like a layout box, plus the same reading of the maps themselves (the regions' ink
+    white on black): how well the maps' shapes alone read as their digits."""
+    result = evaluate_layout(data, classifier)
+    ink = np.repeat(np.where(data["segmentations"] > 0, 255, 0).astype(np.uint8)[..., None], 3, axis=-1)
+    maps = read_boxes(classifier, ink, data["boxes"], data["box_labels"])
+    return {**result, "kind": "semantic", "map_accuracy": float(np.mean(maps["predicted"] == maps["labels"]))}
+
+
+def evaluate_superres(data: dict[str, np.ndarray], classifier: Any = None) -> dict[str, Any]:
+    from lidiff.metrics.reconstruction import super_resolution_quality
+
+    return {"kind": "superres", "num": len(data["images"]),
+            **super_resolution_quality(data["images"], data["inputs"], data["targets"])}
+
+
 def evaluate(npz_path: str, classifier: Any = None) -> dict[str, Any]:
-    """Scores ``samples.npz`` of a text, layout or class-conditional run (see the module docstring)."""
-    if classifier is None:
-        classifier, _ = fit_digit_classifier()
+    """Scores ``samples.npz`` of a conditioned run (see the module docstring)."""
     with np.load(npz_path) as f:
         data = {k: f[k] for k in f.files}
     kind = detect_kind(data)
-    return {"text": evaluate_text, "layout": evaluate_layout, "class": evaluate_class}[kind](data, classifier)
+    if kind == "superres":
+        return evaluate_superres(data)
+    if classifier is None:
+        classifier, _ = fit_digit_classifier()
+    return {"text": evaluate_text, "layout": evaluate_layout, "class": evaluate_class, "inpaint": evaluate_inpaint,
+            "semantic": evaluate_semantic}[kind](data, classifier)
 
 
 def _table(per_class, what: str) -> None:
@@ -159,9 +206,37 @@ def main() -> None:
     path = os.path.join(args.path, "samples.npz") if os.path.isdir(args.path) else args.path
     classifier, held_out = fit_digit_classifier()
     result = evaluate(path, classifier)
+    if result["kind"] == "superres":
+        print(f"samples: {path} (super-resolution, {result['num']} held-out images)")
+        print()
+        print("| upsampling | PSNR (dB) | SSIM |")
+        print("|:-----------|------:|------:|")
+        print(f"| the model | {result['psnr']:.2f} | {result['ssim']:.4f} |")
+        print(f"| bicubic | {result['bicubic_psnr']:.2f} | {result['bicubic_ssim']:.4f} |")
+        return
     print(f"classifier: LogisticRegression on load_digits(), held-out accuracy {held_out:.3f}")
     print(f"samples: {path} ({result['kind']}-conditioned)")
     print()
+    if result["kind"] == "inpaint":
+        _table(result["per_class"], "digits")
+        print()
+        print(f"unknown (inpainted) fraction of the pixels: {result['unknown_fraction']:.3f}")
+        print("| digits read as their label from | accuracy |")
+        print("|:------|------:|")
+        print(f"| the inpainted results | {result['accuracy']:.3f} |")
+        print(f"| the masked inputs (unknown pixels black) | {result['masked_accuracy']:.3f} |")
+        print(f"| the originals | {result['original_accuracy']:.3f} |")
+        print(f"chance (the results' readings against shuffled labels): "
+              f"{chance_accuracy(result['predicted'], result['labels']):.3f}")
+        return
+    if result["kind"] == "semantic":
+        _table(result["per_class"], "regions")
+        print()
+        print(f"regions read as their digit: {result['accuracy']:.3f} of {len(result['labels'])}")
+        print(f"the same reading of the maps' own ink: {result['map_accuracy']:.3f}")
+        print(f"chance (the same readings against shuffled labels): "
+              f"{chance_accuracy(result['predicted'], result['labels']):.3f}")
+        return
     if result["kind"] == "layout":
         _table(result["per_class"], "boxes")
         n = len(result["labels"])

@@ -410,7 +410,8 @@ def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: Di
     images = to_uint8(x)
     grid = conditioning_grid(images, record)
     path = save_samples(workdir, images, labels, write_pngs=False, conditioning=record,
-                        grid_cols=3 if grid is not None else s.final_samples_per_class if trainer.conditional else None,
+                        grid_cols=(len(grid) // len(images) if grid is not None else
+                                   s.final_samples_per_class if trainer.conditional else None),
                         grid=grid)
     logging.info("wrote %d samples to %s", num, path)
     if "inputs" in record and "targets" in record and images.shape[1] >= 11:
@@ -429,8 +430,9 @@ def sample_latent_shape(ldm: LatentDiffusion, inputs: dict, default: tuple[int, 
 
 
 def conditioning_grid(images: np.ndarray, record: dict) -> np.ndarray | None:
-    """For spatial conditioning, triplets ``input | sample | target`` (rows of 3 in the grid): the low-res input
-    enlarged (nearest), the masked image (the unknown region grey) or the coloured map; None otherwise.
+    """For spatial conditioning, rows ``input | sample | target`` (``input | sample`` when there is no target): the
+    low-res input enlarged (nearest), the masked image (the unknown region grey) or the coloured map; None
+    otherwise.
 
     images: uint8 [N, H, W, 3]; record: ``spatial_sample_inputs``'s record, repeated to N rows.
     """
@@ -447,5 +449,5 @@ def conditioning_grid(images: np.ndarray, record: dict) -> np.ndarray | None:
         shown = palette[seg]
     else:
         return None
-    target = np.asarray(record.get("targets", shown))
-    return np.stack([shown, images, target], axis=1).reshape(3 * n, h, w, 3)
+    columns = [shown, images] + ([np.asarray(record["targets"])] if "targets" in record else [])
+    return np.stack(columns, axis=1).reshape(len(columns) * n, h, w, 3)
