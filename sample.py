@@ -24,6 +24,9 @@ Spatial conditioning, a file or a folder (folders pair files by name); one sampl
     --segmentation=map.png                semantic synthesis: a PNG of class ids (greyscale, palette or 16-bit)
     --tile=64 --tile_overlap=16           denoise and decode latents larger than 64x64 tile by tile
 
+``--init_latents=x_T.npy`` starts from the given noise [N, h, w, c] (the model's scaled latent space) instead of
+drawing it, so another implementation's sample can be reproduced exactly.
+
 ``samples.npz`` records the conditioning next to the images: ``labels``, ``prompts``, ``boxes``/``box_labels``,
 ``inputs`` (low-res images), ``masks`` (1 = known) and ``masked_images``, or ``segmentations``.
 """
@@ -68,6 +71,8 @@ flags.DEFINE_string("mask", None, "Inpainting: mask file or folder (white = the 
 flags.DEFINE_string("segmentation", None, "Semantic synthesis: class-id PNG file or folder.")
 flags.DEFINE_integer("tile", 0, "Latent tile side for tiled denoising and decoding (0 = untiled).")
 flags.DEFINE_integer("tile_overlap", 16, "Overlap of neighbouring latent tiles (with --tile).")
+flags.DEFINE_string("init_latents", None, "A .npy of starting noise x_T [N, h, w, c] float32 in the model's scaled "
+                    "latent space, used instead of drawing it (N samples, unless --num_samples is given).")
 flags.DEFINE_integer("step", 0, "Checkpoint step to load (default: the latest).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -174,6 +179,19 @@ def conditioning(model, num: int | None) -> tuple[dict, dict]:
     return {}, {}
 
 
+def read_init_latents(path: str) -> np.ndarray:
+    """``--init_latents``: a .npy of float x_T [N, h, w, c]."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init_latents={path}: no such file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--init_latents={path}: not a .npy array ({e})") from None
+    if x.ndim != 4 or x.dtype.kind != "f":
+        raise ConfigError(f"--init_latents={path}: expected float x_T [N, h, w, c], got {x.dtype} {x.shape}")
+    return x.astype(np.float32)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -194,6 +212,9 @@ def main(argv):
     if height % f or width % f:
         raise ConfigError(f"--height/--width must be multiples of the first stage's factor {f}")
     latent_shape = (height // f, width // f, trainer.first_stage.latent_channels)
+    x_T = read_init_latents(FLAGS.init_latents) if FLAGS.init_latents else None
+    if x_T is not None and not FLAGS["num_samples"].present:
+        num = len(x_T)
     inputs, record = conditioning(model, num)
     num = len(next(iter(inputs.values()))) if num is None else num
     try:
@@ -204,6 +225,10 @@ def main(argv):
     if implied is not None:
         latent_shape = (implied[0], implied[1], latent_shape[2])
         height, width = implied[0] * f, implied[1] * f
+    if x_T is not None and x_T.shape != (num,) + latent_shape:
+        raise ConfigError(f"--init_latents={FLAGS.init_latents} holds {x_T.shape}; this run needs ({num}, "
+                          f"{', '.join(map(str, latent_shape))}): num samples x the latent shape of "
+                          f"{height}x{width} images")
     logging.info("sampling %d images of %dx%d with %s (%d steps, eta %g, guidance %g) from step %d",
                  num, height, width, FLAGS.sampler, FLAGS.steps, FLAGS.eta, FLAGS.guidance_scale,
                  model.step)
@@ -214,7 +239,7 @@ def main(argv):
                                     latent_shape=latent_shape, inputs=inputs, sampler=FLAGS.sampler, steps=steps,
                                     eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale,
                                     batch_size=min(FLAGS.batch_size, num), progress=bar.update,
-                                    tile=FLAGS.tile or None, tile_overlap=FLAGS.tile_overlap)
+                                    tile=FLAGS.tile or None, tile_overlap=FLAGS.tile_overlap, x_T=x_T)
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "samples")
     settings = {"sampler": FLAGS.sampler, "steps": steps or 0, "eta": FLAGS.eta,
                 "guidance_scale": FLAGS.guidance_scale, "seed": FLAGS.seed, "step": model.step}

@@ -162,7 +162,7 @@ class LatentDiffusion:
         if key not in self._compiled:
             guided = self.conditional and guidance_scale != 1.0
 
-            def run(params, fs_params, scale_factor, rng, inputs):
+            def run(params, fs_params, scale_factor, rng, inputs, x_T):
                 encode = functools.partial(self.encode_condition, params, latent_hw=shape[1:3],
                                            first_stage_params=fs_params)
                 cond = encode(inputs) if self.conditional else None
@@ -176,21 +176,22 @@ class LatentDiffusion:
                                                **tiles)
                 z = samplers.sample(model_fn, self.schedule, shape, rng, sampler=sampler, num_steps=steps, eta=eta,
                                     guidance_scale=guidance_scale, cond=cond, uncond=uncond,
-                                    parameterization=self.parameterization)
+                                    parameterization=self.parameterization, x_T=x_T)
                 images = decode(z / scale_factor)
                 if hasattr(self.conditioner, "keep_known"):  # inpainting: the known pixels exactly as given
                     images = self.conditioner.keep_known(images, inputs)
                 return images
 
             rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-            self._compiled[key] = jax.jit(run, in_shardings=(rep, rep, rep, rep, split), out_shardings=split)
+            self._compiled[key] = jax.jit(run, in_shardings=(rep, rep, rep, rep, split, split), out_shardings=split)
         return self._compiled[key]
 
     def generate(self, params: dict, fs_params: Any, scale_factor: Any, rng: jax.Array, *, num: int,
                  latent_shape: tuple[int, int, int], inputs: Mapping[str, np.ndarray] | None = None,
                  sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0,
                  batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                 mesh: Mesh | None = None, tile: int | None = None, tile_overlap: int = 16) -> np.ndarray:
+                 mesh: Mesh | None = None, tile: int | None = None, tile_overlap: int = 16,
+                 x_T: np.ndarray | None = None) -> np.ndarray:
         """Draws ``num`` images [num, h*f, w*f, 3] float32 in about [-1, 1] (host array).
 
         inputs: raw conditioning inputs, each [num, ...] (the encoder's ``input_specs``; required exactly when the
@@ -198,13 +199,18 @@ class LatentDiffusion:
         batch_index)``; ``progress(n)`` is called after each. ``tile``: denoise and decode latents larger than
         ``tile`` x ``tile`` in overlapping tiles (``lidiff.diffusion.tiling``, ``tile_overlap`` latent pixels of
         overlap blended with a raised cosine), so memory stays that of one tile; the same as untiled when the
-        latents fit in one tile. Each batch is split over the devices of ``mesh``
+        latents fit in one tile. ``x_T``: the starting noise [num, h, w, c] float32 (scaled latent space) instead
+        of drawing it, e.g. another implementation's, to reproduce its samples. Each batch is split over the
+        devices of ``mesh``
         (default: every local device); ``batch_size`` is rounded up to a multiple of their number. Random draws
         do not depend on how the batch is split, so 1 and 8 devices give the same images for the same (rounded)
         batch size. With ``guidance_scale`` != 1 the unconditional branch uses the encoder's null input.
         """
         inputs = dict(inputs or {})
         check_inputs(self.conditioner, inputs, num)
+        if x_T is not None and tuple(np.shape(x_T)) != (num,) + tuple(latent_shape):
+            raise ValueError(f"x_T has shape {tuple(np.shape(x_T))}, expected (num, *latent_shape) = "
+                             f"{(num,) + tuple(latent_shape)}")
         implied = self.latent_hw(inputs)
         if implied is not None and tuple(implied) != tuple(latent_shape[:2]):
             raise ValueError(f"the conditioning inputs imply {implied[0]}x{implied[1]} latents, but latent_shape is "
@@ -220,7 +226,8 @@ class LatentDiffusion:
         for i, start in enumerate(range(0, num, batch_size)):
             n = min(batch_size, num - start)
             chunk = {k: _pad_rows(np.asarray(v)[start:start + n], batch_size) for k, v in inputs.items()}
-            images = fn(params, fs_params, scale_factor, jax.random.fold_in(rng, i), chunk)
+            start_noise = None if x_T is None else _pad_rows(np.asarray(x_T, np.float32)[start:start + n], batch_size)
+            images = fn(params, fs_params, scale_factor, jax.random.fold_in(rng, i), chunk, start_noise)
             out.append(np.asarray(jax.device_get(images))[:n])
             if progress is not None:
                 progress(n)

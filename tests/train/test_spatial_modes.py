@@ -124,6 +124,17 @@ def test_trains_and_samples_at_the_size_the_input_implies(run):
     assert large.shape == (2, 2 * RES, 2 * RES, 3) and np.isfinite(large).all()
     with pytest.raises(ValueError, match="latent_shape is"):  # a latent_shape that disagrees with the input
         generate(model, params, big, RES)
+    if run.kind == "superres":  # given starting noise (the same code path for every kind): DDIM (eta 0) is then
+        # deterministic whatever the key, and the drawn noise is not what was given
+        x_T = np.random.default_rng(9).standard_normal((4, RES // 4, RES // 4, LATENT_CH)).astype(np.float32)
+        given = generate(model, params, mixed, RES, x_T=x_T)
+        again = model.ldm.generate(params, model.first_stage_params, model.scale_factor, jax.random.PRNGKey(99),
+                                   num=4, latent_shape=(RES // 4, RES // 4, LATENT_CH), inputs=mixed,
+                                   sampler="ddim", steps=SAMPLE_STEPS, x_T=x_T)
+        np.testing.assert_array_equal(given, again)
+        assert np.abs(given - x_mixed).max() > 1e-3
+        with pytest.raises(ValueError, match=r"x_T has shape \(4, 8, 8, 3\), expected"):
+            generate(model, params, mixed, RES, x_T=np.zeros((4, 8, 8, 3), np.float32))
     if run.kind == "superres":  # tiled sampling (the same code path for every kind)
         # the same images when the latents fit in one tile; 16x16 latents in 8x8 tiles run
         np.testing.assert_array_equal(generate(model, params, mixed, RES, tile=RES // 4, tile_overlap=4), x_mixed)
@@ -191,6 +202,11 @@ def test_sample_py_spatial_inputs_and_refusals(run, tmp_path):
         assert result.returncode == 0, result.stderr
         with np.load(out / "samples.npz") as f:
             assert f["images"].shape == (1, 64, 96, 3) and f["inputs"].shape == (1, 16, 24, 3)
+        x_T = tmp_path / "x_T.npy"
+        np.save(x_T, np.zeros((2, 4, 6, LATENT_CH), np.float32))  # 2 samples, but 16x24 gives 16x24 latents
+        assert_refused(run_sample_py(run.workdir, str(tmp_path / "o1"), f"--cond_image={low}",
+                                     f"--init_latents={x_T}"), "--init_latents", "(2, 4, 6, 2)",
+                       "needs (2, 16, 24, 2)")
         odd = save_png(tmp_path / "odd.png", rng.integers(0, 256, (9, 16, 3), np.uint8))
         assert_refused(run_sample_py(run.workdir, str(tmp_path / "o2"), f"--cond_image={odd}"),
                        "--cond_image", "lowres is 9x16", "multiples of 2")
