@@ -95,6 +95,22 @@ def _orbax_items(items: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _host_copies(tree: Any) -> Any:
+    """In a single-process run, the fully replicated arrays of ``tree`` as host numpy arrays; orbax then writes
+    them as they are, instead of compiling a slice per array shape and device (seconds per save on 8 devices).
+    Sharded arrays, and every array of a multi-process run, stay jax arrays for orbax's per-shard writes. Either
+    form restores onto any sharding."""
+    if jax.process_count() > 1:
+        return tree
+
+    def host(x):
+        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+            return np.asarray(x)
+        return x
+
+    return jax.tree.map(host, tree)
+
+
 @jax.jit
 def _nonfinite_counts(items: dict[str, Any]) -> dict[str, jax.Array]:
     """{item: number of NaN/inf values in its floating-point leaves} (int32 scalars), on the device."""
@@ -327,7 +343,7 @@ class Checkpointer:
         self.wait()  # a failed earlier save surfaces here, before a new one starts
         nbytes = tree_nbytes(items)
         self._check_space(step, nbytes)
-        saved = _orbax_items(items)
+        saved = _orbax_items(_host_copies(items))
         args = {name: ocp.args.StandardSave(tree) for name, tree in saved.items()}
         args[META] = ocp.args.JsonSave({**meta, "items": sorted(n for n in saved if n != SCALARS),
                                         "scalars": sorted(saved.get(SCALARS, {}))})
