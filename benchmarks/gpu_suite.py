@@ -11,8 +11,9 @@ Rows (synthetic data, no TensorFlow, no weight files):
   float32, at batch ``--batch`` (48, the paper's) and at the largest power of two that fits (``--pow2_start``
   64, 128, ... until RESOURCE_EXHAUSTED, ``--pow2_max`` or ``--probe_budget_s`` seconds of searching per dtype).
   MFU = XLA's own FLOP count of the compiled step (``cost_analysis()``) / mean step time / ``--peak_tflops``.
-- ``train bf16 b<N> fsdp``: the same step with parameters sharded over the one device, as a sanity row; lidiff
-  has no fsdp sharding yet, so it prints n/a.
+- ``train bf16 b<N> fsdp``: the same step on a ``("data", "fsdp")`` mesh with ``fsdp=-1`` (every device on the
+  fsdp axis, here the one device), built by the sharded path (``init_sharded``, ``parallel.state_shardings``):
+  a sanity row that the fsdp machinery costs nothing where there is nothing to shard.
 - ``ddim200+decode`` / ``dpm++20+decode``: ``LatentDiffusion.generate`` (EMA params, UNet in bf16, random VQ-f4
   first stage in float32 as ``load_first_stage`` builds it) at ``--sample_batches`` (16, 64); the first call
   compiles, the median of ``--sample_repeats`` further calls is timed; images/s counts decoded images.
@@ -28,12 +29,15 @@ grows down the table; n/a on CPU), ``XLA GiB`` is ``memory_analysis()`` of that 
 (args + outputs + temps - donated aliases). A failing row prints ``error: ...`` and the suite goes on.
 
 ``--small``: UNet 32 ch (1,2), one res block, attention at ds 2; first stage ch 32, 32x32 images (latents
-8x8x3), 64 codes; batches 2 and 4; DDIM-10 / DPM-Solver++-5 at batches 2 and 4; stage 1 batch 2 at 32x32.
+8x8x3), 64 codes; train batch 2 (the max-pow2 search tries only 2, so those rows and the fsdp row reuse the b2
+rows' compiled programs through a persistent compilation cache in a temporary folder); DDIM-10 /
+DPM-Solver++-5 at batch 2; stage 1 batch 2 at 32x32.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -60,11 +64,10 @@ import numpy as np  # noqa: E402
 import bench_ldm  # noqa: E402  (defines absl flags on import; we parse with argparse and never read them)
 from lidiff import parallel  # noqa: E402
 from lidiff.train import builders  # noqa: E402
-from lidiff.train.common import compile_step  # noqa: E402
+from lidiff.train.common import compile_step, init_sharded  # noqa: E402
 from lidiff.train.diffusion import DiffusionTrainer  # noqa: E402
 from lidiff.ldm import FirstStage  # noqa: E402
 
-FSDP_NA = "n/a (no fsdp in lidiff.parallel yet)"
 COLUMNS = ("row", "batch", "img/s", "step ms", "compile s", "GFLOP/img", "MFU %", "dev peak GiB", "XLA GiB", "note")
 
 # Small preset: applied to both configs (dotted paths; absent ones are skipped).
@@ -88,13 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="tiny models and batches: a CPU dry run")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak TFLOP/s for MFU (0: no MFU)")
     p.add_argument("--batch", type=int, default=None, help="train batch of the fixed rows (48; 2 with --small)")
-    p.add_argument("--pow2_start", type=int, default=None, help="first power of two tried (64; 4 with --small)")
-    p.add_argument("--pow2_max", type=int, default=None, help="largest power of two tried (4096; 4 with --small)")
+    p.add_argument("--pow2_start", type=int, default=None, help="first power of two tried (64; 2 with --small)")
+    p.add_argument("--pow2_max", type=int, default=None, help="largest power of two tried (4096; 2 with --small)")
     p.add_argument("--probe_budget_s", type=float, default=90.0,
                    help="seconds per dtype for the largest-power-of-two search; no new size starts after it")
     p.add_argument("--steps", type=int, default=None, help="timed train steps per row (10; 2 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compile (2; 1 with --small)")
-    p.add_argument("--sample_batches", default=None, help="comma list (16,64; 2,4 with --small)")
+    p.add_argument("--sample_batches", default=None, help="comma list (16,64; 2 with --small)")
     p.add_argument("--samplers", default=None, help="name:steps list (ddim:200,dpm_solver++:20; "
                                                      "ddim:10,dpm_solver++:5 with --small)")
     p.add_argument("--sample_repeats", type=int, default=1, help="timed generate calls after the first")
@@ -104,11 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     small = a.small
     a.batch = a.batch or (2 if small else 48)
-    a.pow2_start = a.pow2_start or (4 if small else 64)
-    a.pow2_max = a.pow2_max or (4 if small else 4096)
+    a.pow2_start = a.pow2_start or (2 if small else 64)
+    a.pow2_max = a.pow2_max or (2 if small else 4096)
     a.steps = a.steps or (2 if small else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if small else 2)
-    a.sample_batches = [int(b) for b in (a.sample_batches or ("2,4" if small else "16,64")).split(",") if b]
+    a.sample_batches = [int(b) for b in (a.sample_batches or ("2" if small else "16,64")).split(",") if b]
     a.samplers = [s for s in (a.samplers or ("ddim:10,dpm_solver++:5" if small else "ddim:200,dpm_solver++:20"))
                   .split(",") if s]
     return a
@@ -150,9 +153,9 @@ def load_config(name: str, small: bool):
     return config
 
 
-def one_device_mesh():
-    """The suite measures one device: a 1-device ``"data"`` mesh even where more are visible."""
-    return parallel.make_mesh(jax.devices()[:1])
+def one_device_mesh(fsdp: int = 1):
+    """The suite measures one device: a 1-device mesh even where more are visible."""
+    return parallel.make_mesh(jax.devices()[:1], fsdp=fsdp)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -201,20 +204,20 @@ def time_steps(step_fn, state, batch, extra, steps: int, warmup: int):
     return state, jax.device_get(metrics), float(np.mean(times))
 
 
-def train_row(config, dtype: str, batch_size: int, args) -> dict:
-    """One stage-2 train step measurement, built as train.py builds it."""
+def train_row(config, dtype: str, batch_size: int, args, fsdp: int = 1) -> dict:
+    """One stage-2 train step measurement, built as train.py builds it (``config.parallel.fsdp = fsdp``)."""
     stage = config.diffusion
     stage.train.batch_size = batch_size
     stage.train.dtype = dtype
     ae = config.autoencoder.model
-    mesh = one_device_mesh()
+    mesh = one_device_mesh(fsdp)
     parallel.check_batch_size(batch_size, mesh)
     first_stage = FirstStage(model=builders.build_autoencoder(ae, jnp.float32), kind=ae.kind)
     trainer = DiffusionTrainer(stage, first_stage, config.seed)
     latent_shape = trainer.latent_shape(config.data.resolution)
     num_classes = stage.conditioning.num_classes if trainer.conditional else 0
-    init = jax.jit(trainer.init_state, static_argnums=(2,), out_shardings=parallel.replicated(mesh))
-    state = init(jax.random.PRNGKey(args.seed), jnp.float32(stage.first_stage.scale_factor), latent_shape)
+    init = functools.partial(trainer.init_state, latent_shape=latent_shape)
+    state = init_sharded(init, mesh, jax.random.PRNGKey(args.seed), jnp.float32(stage.first_stage.scale_factor))
     host = bench_ldm.synthetic_batch(np.random.default_rng(args.seed), ae.kind, batch_size, latent_shape, num_classes)
     batch = parallel.global_batch(host, mesh)
     step_fn, compile_s = compile_step(trainer.train_step, mesh, state, batch, {}, name="diffusion")
@@ -260,9 +263,9 @@ def max_pow2_row(dtype: str, args, log) -> dict:
 
 
 def fsdp_row(args) -> dict:
-    if hasattr(parallel, "param_shardings"):
-        return dict(na="n/a (lidiff.parallel.param_shardings exists but is not wired into this suite yet)")
-    return dict(na=FSDP_NA)
+    r = train_row(load_config("celebahq_f4", args.small), "bfloat16", args.batch, args, fsdp=-1)
+    r["note"] += "; fsdp=-1 over 1 device"
+    return r
 
 
 def sample_rows(args) -> list[tuple[str, dict]]:
@@ -422,6 +425,18 @@ def render(rows: list[tuple[str, dict]]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.small:
+        return run_suite(args)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lidiff_gpu_suite_cache_") as cache:
+        # rows that build the same program (max-pow2 and fsdp at batch 2) compile it once
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        return run_suite(args)
+
+
+def run_suite(args: argparse.Namespace) -> int:
     suite_start = time.perf_counter()
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - suite_start:6.1f} s] {msg}", file=sys.stderr, flush=True)

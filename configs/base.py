@@ -17,6 +17,7 @@ Layout of a full config::
     diffusion.conditioning.*        none | class | text | layout, and the encoder's settings
     diffusion.first_stage.*         where the frozen autoencoder comes from, scale_factor
     diffusion.latent_cache.* / .optim.* / .train.* / .sample.*
+    parallel.fsdp                   devices each trained tensor is sharded over (1 = replicated, -1 = all)
 """
 
 from __future__ import annotations
@@ -259,6 +260,10 @@ def experiment(stages: tuple[str, ...], data: ConfigDict, autoencoder: ConfigDic
     c.autoencoder = autoencoder
     if diffusion is not None:
         c.diffusion = diffusion
+    c.parallel = ConfigDict()
+    # Params, optimizer state and EMA are sharded over this many devices (lidiff.parallel.param_spec) and
+    # replicated over the rest; 1 = plain data parallelism, -1 = all devices. Numerics do not change.
+    c.parallel.fsdp = 1
     return c
 
 

@@ -222,13 +222,17 @@ class LatentDiffusion:
         params, fs_params, scale_factor, rng = parallel.put_replicated((params, fs_params, scale_factor, rng), mesh)
         fn = self._sampler((batch_size,) + tuple(latent_shape), sampler, steps, float(eta), float(guidance_scale),
                            mesh, tile, tile_overlap)
+        split = parallel.batch_sharded(mesh)
         out = []
         for i, start in enumerate(range(0, num, batch_size)):
             n = min(batch_size, num - start)
             chunk = {k: _pad_rows(np.asarray(v)[start:start + n], batch_size) for k, v in inputs.items()}
             start_noise = None if x_T is None else _pad_rows(np.asarray(x_T, np.float32)[start:start + n], batch_size)
-            images = fn(params, fs_params, scale_factor, jax.random.fold_in(rng, i), chunk, start_noise)
-            out.append(np.asarray(jax.device_get(images))[:n])
+            if start_noise is not None:
+                start_noise = parallel.put_sharded(start_noise, split)
+            images = fn(params, fs_params, scale_factor, jax.random.fold_in(rng, i),
+                        parallel.put_sharded(chunk, split), start_noise)
+            out.append(parallel.to_host(images)[:n])
             if progress is not None:
                 progress(n)
         return np.concatenate(out)

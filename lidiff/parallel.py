@@ -1,7 +1,10 @@
 """Device mesh, shardings, and putting host batches onto devices.
 
-lidiff trains data-parallel over a 1-D mesh with axis ``"data"`` covering every device of every process:
-the batch is split on ``"data"``; params, optimizer state and EMA are replicated. Multi-host runs call
+lidiff trains on a 2-D mesh ``("data", "fsdp")`` covering every device of every process (``make_mesh``). The
+batch is split over both axes. Params, optimizer state and EMA are sharded over ``"fsdp"`` by one rule
+(``param_spec``: a tensor's largest dimension that divides evenly, small tensors replicated) and replicated over
+``"data"``; ``fsdp=1`` (the default) is plain data parallelism with everything replicated. XLA inserts the
+all-gathers before each use and reduce-scatters the gradients. Multi-host runs call
 ``jax.distributed.initialize()`` (see ``initialize_distributed``) before anything touches a device; each
 process then loads only its share of the global batch and ``global_batch`` assembles the global array.
 """
@@ -17,7 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lidiff.errors import ConfigError
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
+MIN_SHARDED_SIZE = 2**14  # tensors with fewer elements (biases, norms, scalars, small kernels) stay replicated
 
 
 def initialize_distributed() -> None:
@@ -75,20 +80,51 @@ def check_same_config(config_json: str) -> None:
         )
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh ``("data",)`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+def make_mesh(devices: list[jax.Device] | None = None, fsdp: int = 1) -> Mesh:
+    """A mesh ``("data", "fsdp")`` of shape ``(n // fsdp, fsdp)`` over ``devices`` (default: all devices of all
+    processes, in ``jax.devices()`` order, so each process holds whole rows when ``fsdp`` divides its device
+    count). ``fsdp=-1`` puts every device on the ``"fsdp"`` axis; ``fsdp=1`` is plain data parallelism."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
+    size = n if fsdp == -1 else fsdp
+    if size < 1 or n % size:
+        raise ConfigError(f"config.parallel.fsdp={fsdp} does not divide the {n} devices: use a divisor of {n} "
+                          f"(1 = replicated params, -1 = shard over all {n})")
+    return Mesh(np.asarray(devices).reshape(n // size, size), BATCH_AXES)
+
+
+def mesh_from_config(config: Any) -> Mesh:
+    """The training mesh of an experiment config (``config.parallel.fsdp``; configs without the field: 1)."""
+    return make_mesh(fsdp=int(config.get("parallel", {}).get("fsdp", 1)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Sharding of params, optimizer state, EMA and scalars: a full copy on every device."""
+    """Sharding of frozen params, scalars and metrics: a full copy on every device."""
     return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding of batch arrays: leading axis split over ``"data"``."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Sharding of batch arrays: leading axis split over every device (``"data"`` x ``"fsdp"``)."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARDED_SIZE) -> P:
+    """Where a trained tensor of ``shape`` lives on an ``fsdp``-way axis: split along its largest dimension that
+    ``fsdp`` divides (the first such among equals), or replicated when ``fsdp`` is 1, the tensor has fewer than
+    ``min_size`` elements, or no dimension divides. E.g. a [3, 3, 320, 640] conv kernel on fsdp=8 ->
+    ``P(None, None, None, "fsdp")``; a [320] bias -> ``P()``."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            return P(*([None] * dim + [FSDP_AXIS]))
+    return P()
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding``s for every leaf of a train state (arrays or ``ShapeDtypeStruct``s) by ``param_spec``."""
+    fsdp = mesh.shape.get(FSDP_AXIS, 1)
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "the global batch size") -> None:
@@ -117,5 +153,40 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of ``tree`` (host or device arrays) replicated on ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places every leaf of ``tree`` (host arrays, or device arrays of any sharding, e.g. fsdp-sharded EMA
+    params of the training mesh) replicated on ``mesh``. When ``mesh`` or the arrays span processes, call it on
+    every process with the same values: gathering a sharded array is a collective, and each process places its
+    own copy on its own devices."""
+    return put_sharded(jax.tree.map(_whole_on_this_process, tree), replicated(mesh))
+
+
+def _whole_on_this_process(x: Any) -> Any:
+    """A device array spanning other processes -> one local device's full copy (gathered first if sharded)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+        x = x.addressable_data(0)
+    return x
+
+
+def put_sharded(tree: Any, sharding: NamedSharding) -> Any:
+    """Host arrays, the same on every process, placed with ``sharding`` (e.g. a sampling batch split over the
+    devices of all processes); each process places only its own devices' parts."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a device array on this process's host, gathered from all processes if it spans them
+    (a collective: call it on every process)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -36,7 +36,7 @@ from lidiff.metrics.writers import MetricWriter, image_grid
 from lidiff.models.autoencoder import conv_out_apply
 from lidiff.train import builders
 from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
-                                 run_once)
+                                 init_sharded)
 from lidiff.train.loop import LoopSettings, train_loop
 
 STAGE = "autoencoder"
@@ -346,7 +346,7 @@ def checkpoint_meta(config: ConfigDict) -> dict:
 def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
     """Trains stage 1 into ``<workdir>/autoencoder`` (resuming from its latest checkpoint when there is one)."""
     stage = config.autoencoder
-    mesh = parallel.make_mesh()
+    mesh = parallel.mesh_from_config(config)
     parallel.check_batch_size(stage.train.batch_size, mesh, "config.autoencoder.train.batch_size")
     if config.data.resolution != stage.model.resolution:
         raise ConfigError(
@@ -358,7 +358,7 @@ def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
     loader = make_loader(config.data, stage.train.batch_size, config.seed)
     directory = stage_dir(workdir)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
-    state = run_once(trainer.init_state, parallel.replicated(mesh), jax.random.PRNGKey(config.seed))
+    state = init_sharded(trainer.init_state, mesh, jax.random.PRNGKey(config.seed))
     start = 0
     if checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state)

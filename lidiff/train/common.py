@@ -170,21 +170,27 @@ def _make_loader(data: ConfigDict, global_batch_size: int, seed: int, fields=Non
 def compile_step(step_fn: Callable, mesh: Mesh, state: Any, batch: dict[str, Any], *extra: Any, name: str):
     """jit + lower + compile ``step_fn(state, batch, *extra)`` ahead of time, logging time and memory.
 
-    State and extras are replicated, the batch is split on ``"data"``, and the state is donated.
-    Returns the compiled executable (call it like the function).
+    The state is sharded by ``parallel.state_shardings`` (replicated unless the mesh has an ``"fsdp"`` axis
+    larger than 1) and donated, the batch is split over every device, the extras (frozen params) are
+    replicated. Returns ``(compiled, compile_seconds)``; call the executable like the function.
     """
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    state_sharding = parallel.state_shardings(state, mesh)
     jitted = jax.jit(
         step_fn,
-        in_shardings=(rep, split) + (rep,) * len(extra),
-        out_shardings=(rep, rep),
+        in_shardings=(state_sharding, split) + (rep,) * len(extra),
+        out_shardings=(state_sharding, rep),
         donate_argnums=(0,),
     )
-    abstract = lambda tree, sharding: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
-                                       sharding=sharding), tree)
+
+    def abstract(tree, shardings):  # shardings: one for every leaf, or a tree like ``tree``
+        if isinstance(shardings, jax.sharding.Sharding):
+            shardings = jax.tree.map(lambda _: shardings, tree)
+        dtype = lambda x: x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype  # noqa: E731
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), dtype(x), sharding=s), tree, shardings)
+
     start = time.perf_counter()
-    lowered = jitted.lower(abstract(state, rep), abstract(batch, split), *(abstract(e, rep) for e in extra))
+    lowered = jitted.lower(abstract(state, state_sharding), abstract(batch, split), *(abstract(e, rep) for e in extra))
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     memory = ""
@@ -227,3 +233,11 @@ def run_once(fn: Callable, out_sharding: Any, *args: Any) -> Any:
     autoencoder init)."""
     lowered = jax.jit(fn, out_shardings=out_sharding).lower(*args)
     return lowered.compile({"xla_backend_optimization_level": 0})(*args)
+
+
+def init_sharded(fn: Callable, mesh: Mesh, *args: Any) -> Any:
+    """A train state ``fn(*args)`` created already sharded by ``parallel.state_shardings``: the shapes come from
+    ``jax.eval_shape``, so no device ever holds more than its shard (a model too large for one device can be
+    created)."""
+    shapes = jax.eval_shape(fn, *args)
+    return run_once(fn, parallel.state_shardings(shapes, mesh), *args)

@@ -35,7 +35,7 @@ from lidiff.models.conditioning import drop_to_null
 from lidiff.train import builders
 from lidiff.train import conditioning as conditioning_setup
 from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
-                                 run_once)
+                                 init_sharded)
 from lidiff.train.evaluator import generate_for_eval, make_fid_evaluator
 from lidiff.train.loop import LoopSettings, train_loop
 
@@ -212,31 +212,47 @@ def data_fields(config: ConfigDict, tokenizer: Any) -> list:
 def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, workdir: str, mesh,
                    fields: list) -> str:
     """Builds the latent cache once (if missing) and returns its path. It holds each example's posterior
-    (``lidiff.ldm.posterior_arrays``) and its conditioning inputs (``fields``)."""
-    from lidiff.data.latents import build_latent_cache
-
+    (``lidiff.ldm.posterior_arrays``) and its conditioning inputs (``fields``). In a multi-process run process 0
+    builds it on its own devices while the others wait; all then read the one file."""
     c = config.diffusion.latent_cache
     path = c.path or runs.latent_cache_path(workdir)
+    if config.data.random_flip:  # the cache holds unflipped images: training from it would silently drop flips
+        raise ConfigError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
+                          "turn one of them off")
+    if jax.process_count() > 1:  # built once, by process 0 on its own devices; the others wait, then all read it
+        if jax.process_index() == 0 and not os.path.exists(path):
+            local = parallel.make_mesh(jax.local_devices())
+            _build_cache(config, trainer, parallel.put_replicated(fs_params, local), path, local, fields)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lidiff latent cache written")
+        if not os.path.exists(path):
+            raise MissingInputError(f"process {jax.process_index()} cannot see the latent cache {path} that process "
+                                    "0 wrote: every process must see the same workdir (a shared filesystem), or "
+                                    "build the cache once and set config.diffusion.latent_cache.path to a copy on "
+                                    "each host")
+        return path
     if os.path.exists(path):
         return path
-    if config.data.random_flip:
-        raise ConfigError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
-                         "turn one of them off")
+    _build_cache(config, trainer, fs_params, path, mesh, fields)
+    return path
+
+
+def _build_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, path: str, mesh, fields: list):
+    """Encodes ``config.data`` on the devices of ``mesh`` (all addressable here) into the cache at ``path``."""
+    from lidiff.data.latents import build_latent_cache
+
     loader = make_loader(config.data, config.diffusion.train.batch_size, config.seed, fields=fields)
     encode = jax.jit(lambda params, x: posterior_arrays(trainer.first_stage.encode(params, x)))
-    batch_size = config.diffusion.train.batch_size
 
     def encode_host(images: np.ndarray) -> dict:
-        out = encode(fs_params, parallel.global_batch({"image": images}, mesh)["image"])
-        return jax.device_get(out)
+        return jax.device_get(encode(fs_params, jax.device_put(images, parallel.batch_sharded(mesh))))
 
-    if jax.process_count() > 1:
-        raise NotImplementedError("building the latent cache needs a single process; build it once, then train "
-                                  "multi-host with config.diffusion.latent_cache.path pointing at it")
-    build_latent_cache(loader.source, encode_host, path, resolution=config.data.resolution, batch_size=batch_size,
-                       fields=fields)
-    loader.close()
-    return path
+    try:
+        build_latent_cache(loader.source, encode_host, path, resolution=config.data.resolution,
+                           batch_size=config.diffusion.train.batch_size, fields=fields)
+    finally:
+        loader.close()
 
 
 TFDS_MANUAL_HINT = (
@@ -300,7 +316,7 @@ def _open_loader(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, 
 def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     """Trains stage 2 into ``<workdir>/diffusion`` (resuming from its latest checkpoint when there is one)."""
     stage = config.diffusion
-    mesh = parallel.make_mesh()
+    mesh = parallel.mesh_from_config(config)
     parallel.check_batch_size(stage.train.batch_size, mesh, "config.diffusion.train.batch_size")
     conditioning_setup.check_conditioning(stage.conditioning, stage.model)
     if stage.latent_cache.enabled and stage.conditioning.kind in conditioning_setup.DERIVED_KINDS:
@@ -316,10 +332,9 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     loader = _open_loader(config, trainer, fs_params, workdir, mesh, fields)
     directory = os.path.join(workdir, STAGE)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
-    rep = parallel.replicated(mesh)
     latent_shape = trainer.latent_shape(config.data.resolution)
-    init = lambda key, scale, shape: run_once(functools.partial(trainer.init_state, latent_shape=shape), rep,  # noqa: E731
-                                              key, scale)
+    init = lambda key, scale, shape: init_sharded(functools.partial(trainer.init_state, latent_shape=shape),  # noqa: E731
+                                                  mesh, key, scale)
     first_batch = loader.batch_at(0)
     encoding_keys = tuple(k for k in ("image",) + ENCODING_KEYS if k in first_batch)
     keys = encoding_keys + trainer.batch_inputs
@@ -333,7 +348,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
             loader.close()
             checkpointer.close()
             if stage.sample.final_samples_per_class > 0 and not os.path.exists(os.path.join(workdir, "samples.npz")):
-                write_final_samples(config, trainer, state, fs_params, latent_shape, workdir)
+                write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh)
             return state
         logging.info("diffusion: resuming from step %d with the saved scale_factor %.6g", start,
                      float(state.scale_factor))
@@ -341,8 +356,9 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
         scale = stage.first_stage.scale_factor
         if stage.first_stage.scale_by_std:
             batch = parallel.global_batch({k: first_batch[k] for k in encoding_keys}, mesh)
-            z = jax.jit(trainer.latents)(batch, fs_params, jax.random.PRNGKey(config.seed))
-            scale = float(1.0 / np.std(np.asarray(z), ddof=1))
+            std = jax.jit(lambda b, p, k: jnp.std(trainer.latents(b, p, k), ddof=1),  # one value on every device
+                          out_shardings=parallel.replicated(mesh))(batch, fs_params, jax.random.PRNGKey(config.seed))
+            scale = float(1.0 / std)
             logging.info("diffusion: scale_factor = 1/std of the first batch's latents = %.6g", scale)
         state = init(jax.random.PRNGKey(config.seed), jnp.float32(scale), latent_shape)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -350,7 +366,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
                  n_params / 1e6, latent_shape, float(state.scale_factor), mesh.devices.size, stage.train.batch_size)
     eval_inputs = lambda num: conditioning_setup.sample_inputs(config, num, tokenizer, seed=config.seed)[0]  # noqa: E731
     evaluate = make_fid_evaluator(stage.eval, generate_for_eval(trainer.ldm, fs_params, latent_shape, stage.eval,
-                                                                eval_inputs))  # its files checked before compiling
+                                                                eval_inputs, mesh))  # its files checked before compiling
     example = {k: np.zeros((stage.train.batch_size,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
     step_fn, _ = compile_step(trainer.train_step, mesh, state, example, fs_params, name=STAGE)
 
@@ -361,7 +377,8 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     def images(state: DiffusionState, batch: dict) -> dict[str, np.ndarray]:
         x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed),
                                  num=s.num_images, latent_shape=grid_shape, inputs=grid_inputs,
-                                 sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale)
+                                 sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale,
+                                 mesh=mesh)
         return {"samples_ema": image_grid(to_uint8(x))}
 
     writer = MetricWriter(directory)
@@ -375,7 +392,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
         writer.close()
         checkpointer.close()
     if s.final_samples_per_class > 0:
-        write_final_samples(config, trainer, state, fs_params, latent_shape, workdir)
+        write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh)
     return state
 
 
@@ -392,10 +409,11 @@ def _training_captions(config: ConfigDict) -> list[str]:
 
 
 def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: DiffusionState, fs_params: Any,
-                        latent_shape: tuple[int, int, int], workdir: str) -> str:
+                        latent_shape: tuple[int, int, int], workdir: str, mesh=None) -> str:
     """Samples ``final_samples_per_class`` images per class / prompt / layout (or that many unconditional ones)
     with the EMA params into ``<workdir>/samples.npz`` (with the conditioning) and ``<workdir>/samples_grid.png``
-    (one row per class / prompt / layout)."""
+    (one row per class / prompt / layout). The batch is split over ``mesh`` (default: this process's devices);
+    with the training mesh of a multi-process run every process samples its part and process 0 writes."""
     s = config.diffusion.sample
     groups = conditioning_setup.num_groups(config)
     inputs, record = conditioning_setup.sample_inputs(config, groups, trainer.tokenizer, seed=config.seed + 1)
@@ -405,7 +423,10 @@ def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: Di
     x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed + 1),
                              num=num, latent_shape=sample_latent_shape(trainer.ldm, inputs, latent_shape),
                              inputs=inputs, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                             guidance_scale=s.guidance_scale)
+                             guidance_scale=s.guidance_scale, mesh=mesh)
+    path = os.path.join(workdir, "samples.npz")
+    if jax.process_index() != 0:
+        return path
     labels = record.pop("labels", None)
     images = to_uint8(x)
     grid = conditioning_grid(images, record)

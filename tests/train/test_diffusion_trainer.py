@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import ConfigDict
 
 from configs import base
@@ -33,6 +32,7 @@ from lidiff.train.common import compile_step, make_loader
 from lidiff.train.diffusion import DiffusionTrainer, make_optimizer, train_diffusion, write_final_samples
 from lidiff.ldm import FirstStage, posterior_arrays
 from lidiff.runs import load_first_stage
+from tests.compilation_cache import compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RES, BATCH, CLASSES, LATENT_CH = 16, 8, 3, 2
@@ -44,16 +44,8 @@ SAMPLE_STEPS = 2
 @pytest.fixture(scope="module", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
     """Caches compiled executables on disk for this module only (restores JAX's settings afterwards)."""
-    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache_diffusion")
-    old_dir = jax.config.jax_compilation_cache_dir
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax_compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-    jax_compilation_cache.reset_cache()
+    with compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_compilation_cache_diffusion")):
+        yield
 
 
 def first_stage_model(kind: str = "kl") -> ConfigDict:
