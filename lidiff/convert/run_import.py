@@ -1,0 +1,694 @@
+"""Import a released LDM checkpoint into a lidiff run directory (``python -m lidiff.convert``).
+
+Sources:
+
+- a CompVis / Stable Diffusion single file: ``.safetensors`` (read with the safetensors package) or ``.ckpt`` /
+  ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused). The
+  state dict may sit under ``"state_dict"``. Its keys are split by prefix::
+
+      model.diffusion_model.*        the UNet (raw weights)                    -> params["unet"]
+      model_ema.diffusion_model*     the UNet's EMA (dots removed from names)  -> ema_params["unet"]
+      model_ema.decay / num_updates  EMA bookkeeping                           ignored
+      first_stage_model.*            the autoencoder (``loss.*`` ignored)      -> autoencoder checkpoint
+      cond_stage_model.*             class embedder / BERT-style transformer   -> params["cond"] (= ema_params)
+      betas, alphas_cumprod, ...     schedule buffers                          -> diffusion.process (checked)
+      scale_factor                   latent scale                              -> scalars/scale_factor
+
+- a diffusers folder: ``model_index.json``, ``unet/``, ``vae/`` or ``vqvae/``, ``scheduler/scheduler_config.json``.
+
+Every tensor is converted or explicitly ignored; anything else stops the import with one ``SourceMismatch``
+naming every missing, unexpected and mis-shaped key. Without ``--config`` the architecture is read from the
+tensor shapes (``lidiff.convert.infer``); what they cannot tell (the attention head layout) must be given as a
+``--config.<field>=<value>`` override.
+
+What is written (the layout is ``lidiff.runs``'s):
+
+- ``<out>/autoencoder/checkpoints/0``: ``params = {"autoencoder": ..., "logvar": 0}`` and ``step``, meta as stage 1
+  writes it (``runs.load_first_stage`` reads only these). No discriminator or optimizer state: stage 1 cannot be
+  resumed from it, so the written ``config.stages`` is ``("diffusion",)``.
+- ``<out>/diffusion/checkpoints/0``: a whole ``DiffusionState``: ``params`` the raw weights, ``ema_params`` the
+  EMA weights (the raw ones when the source has no EMA or with ``--no_ema``), a freshly initialised AdamW state
+  (``train.py`` restores every item of the state to fine-tune), ``step`` 0 and ``scale_factor``; meta with the
+  whole config. ``sample.py`` and ``runs.load_latent_diffusion`` read ``ema_params``.
+- ``<out>/config.py``: ``get_config()`` returns the saved config, for ``train.py --config`` (which needs a file).
+
+An inferred config sets ``diffusion.train.ema_warmup=False``: a fine-tune restarts at step 0, and CompVis's EMA
+warm-up would replace the imported EMA within a few steps.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import pickle
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from lidiff import runs
+from lidiff.convert import infer
+from lidiff.convert.common import ConversionError, convert_state_dict, to_numpy_state_dict, torch_state_dict
+from lidiff.errors import ConfigError, MissingInputError, UserError
+
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+EMA_UNET_PREFIX = "model_ema.diffusion_model"
+FIRST_STAGE_PREFIX = "first_stage_model."
+COND_PREFIX = "cond_stage_model."
+EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar")
+FORMATS = ("compvis", "diffusers")
+DEFAULT_RESOLUTION = 256
+# Placeholders of the written config for fine-tuning with train.py (set them with --config.* overrides).
+FINETUNE_BATCH_SIZE, FINETUNE_LEARNING_RATE = 16, 1e-5
+
+
+class SourceMismatch(ConversionError, UserError):
+    """The source's tensors do not map one to one onto the lidiff model (a ``ConversionError`` and a
+    ``UserError``: the commands print its message without a traceback)."""
+
+
+class UnsafeCheckpointError(UserError, ValueError):
+    """A ``.ckpt`` that ``torch.load(weights_only=True)`` refuses: loading it would run arbitrary code."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint split into its parts; every array is numpy (float32 where floating).
+
+    unet: UNet tensors, CompVis keys without prefix (``compvis``) or diffusers keys (``diffusers``).
+    ema: ``{model_ema.diffusion_model<key without dots>: array}`` (empty: no EMA weights).
+    first_stage: autoencoder tensors, CompVis keys without prefix (diffusers keys renamed).
+    cond: ``cond_stage_model.*`` without prefix. buffers: ``betas``, ``scale_factor``, ...
+    ignored: ``(key or group, reason)`` of what is dropped on purpose. unet_config / scheduler_config /
+    vae_config: the diffusers JSON files (empty for CompVis files).
+    """
+
+    format: str
+    path: str
+    unet: dict[str, np.ndarray]
+    ema: dict[str, np.ndarray]
+    first_stage: dict[str, np.ndarray]
+    cond: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray]
+    ignored: list[tuple[str, str]]
+    unet_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What the import did: the written config, and one line per decision (where each value came from)."""
+
+    config: ConfigDict
+    lines: list[str]
+    used_ema: bool
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def detect_format(src: str, fmt: str | None) -> str:
+    """``--format`` or, when omitted, ``diffusers`` for a folder and ``compvis`` for a file."""
+    if not os.path.exists(src):
+        raise MissingInputError(f"--src={src}: no such file or folder")
+    if fmt is None:
+        return "diffusers" if os.path.isdir(src) else "compvis"
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format={fmt!r}: choose one of {FORMATS}")
+    if (fmt == "diffusers") != os.path.isdir(src):
+        raise ConfigError(f"--format={fmt} expects a {'folder' if fmt == 'diffusers' else 'single file'}; "
+                          f"{src} is a {'folder' if os.path.isdir(src) else 'file'}")
+    return fmt
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file -> ``{key: numpy array}`` (bfloat16 / float16 widened to float32)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+            try:
+                value = f.get_tensor(key)
+            except TypeError:  # bfloat16 without ml_dtypes: read the file through torch
+                from safetensors.torch import load_file
+
+                return to_numpy_state_dict(load_file(path))
+            out[key] = value.astype(np.float32) if value.dtype.name in ("float16", "bfloat16") else value
+    return out
+
+
+def read_torch_file(path: str) -> dict[str, np.ndarray]:
+    """A pickled PyTorch file read with ``weights_only=True`` -> its state dict (numpy); refuses anything needing
+    arbitrary unpickling with ``UnsafeCheckpointError``."""
+    try:
+        state = torch_state_dict(path, "")
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                      str(e).splitlines()[0] if str(e) else "")
+        raise UnsafeCheckpointError(
+            f"{path} cannot be read safely: it holds pickled Python objects besides tensors ({detail}). Loading it "
+            "would run code from the file, which lidiff does not do. Convert it to .safetensors with a tool you "
+            "trust (or extract its 'state_dict' on a machine where running the pickle is acceptable) and pass that "
+            "file to --src."
+        ) from None
+    return to_numpy_state_dict(state)
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """A weights file by extension: ``.safetensors`` or a torch pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    return read_torch_file(path)
+
+
+def split_compvis(state: Mapping[str, np.ndarray], path: str) -> Source:
+    """A whole LDM state dict -> its parts by prefix; keys under no known prefix raise ``SourceMismatch``."""
+    parts: dict[str, dict[str, np.ndarray]] = {"unet": {}, "ema": {}, "first_stage": {}, "cond": {}, "buffers": {}}
+    ignored, unknown, losses = [], [], []
+    for key, value in state.items():
+        if key.startswith(UNET_PREFIX):
+            parts["unet"][key[len(UNET_PREFIX):]] = value
+        elif key in EMA_BOOKKEEPING:
+            ignored.append((key, "EMA bookkeeping"))
+        elif key.startswith(EMA_UNET_PREFIX):
+            parts["ema"][key] = value
+        elif key.startswith(FIRST_STAGE_PREFIX + "loss."):
+            losses.append(key)
+        elif key.startswith(FIRST_STAGE_PREFIX):
+            parts["first_stage"][key[len(FIRST_STAGE_PREFIX):]] = value
+        elif key.startswith(COND_PREFIX):
+            parts["cond"][key[len(COND_PREFIX):]] = value
+        elif key in SCHEDULE_BUFFERS or key == "scale_factor":
+            parts["buffers"][key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SourceMismatch(f"{path}: {len(unknown)} tensors belong to no part of an LDM checkpoint (UNet "
+                             f"{UNET_PREFIX}*, EMA {EMA_PREFIX}*, {FIRST_STAGE_PREFIX}*, {COND_PREFIX}*, schedule "
+                             f"buffers, scale_factor): unexpected {', '.join(sorted(unknown)[:50])}")
+    if losses:
+        ignored.append((f"{FIRST_STAGE_PREFIX}loss.* ({len(losses)} tensors)", "first-stage training loss"))
+    if not parts["unet"]:
+        raise SourceMismatch(f"{path}: no UNet tensors ({UNET_PREFIX}*); is this an LDM checkpoint? (first keys: "
+                             f"{', '.join(sorted(state)[:5])})")
+    return Source("compvis", path, parts["unet"], parts["ema"], parts["first_stage"], parts["cond"],
+                  parts["buffers"], ignored)
+
+
+def read_compvis(path: str) -> Source:
+    """A CompVis / SD single file -> ``Source``."""
+    return split_compvis(read_weights(path), path)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path} is missing: a diffusers folder holds it")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _component_weights(folder: str) -> dict[str, np.ndarray]:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return read_weights(os.path.join(folder, name))
+    raise MissingInputError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors (or .bin); "
+                            "sharded weights are not read, re-save the model with save_pretrained")
+
+
+def read_diffusers(folder: str) -> Source:
+    """A diffusers pipeline folder -> ``Source`` (the autoencoder renamed to CompVis keys)."""
+    from lidiff.convert.diffusers_vae import diffusers_vae_to_compvis
+
+    index = _read_json(os.path.join(folder, "model_index.json"))
+    for text in ("text_encoder", "bert", "tokenizer"):
+        if text in index:
+            raise ConfigError(f"{folder} is a text-to-image pipeline ({index.get('_class_name')}, component "
+                              f"{text!r}): lidiff's text conditioning is the CompVis BERT-style transformer, so this "
+                              "pipeline's text encoder cannot be imported")
+    vae_dir = next((os.path.join(folder, n) for n in ("vae", "vqvae") if os.path.isdir(os.path.join(folder, n))),
+                   None)
+    if vae_dir is None:
+        raise MissingInputError(f"{folder} has no vae/ or vqvae/ folder: a latent diffusion pipeline needs its "
+                                "autoencoder")
+    unet_dir = os.path.join(folder, "unet")
+    return Source(
+        "diffusers", folder, unet=_component_weights(unet_dir), ema={},
+        first_stage=diffusers_vae_to_compvis(_component_weights(vae_dir)), cond={}, buffers={}, ignored=[],
+        unet_config=_read_json(os.path.join(unet_dir, "config.json")),
+        scheduler_config=_read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
+        vae_config=_read_json(os.path.join(vae_dir, "config.json")),
+    )
+
+
+def read_source(src: str, fmt: str | None) -> Source:
+    """``--src`` (and ``--format``) -> ``Source``."""
+    return read_diffusers(src) if detect_format(src, fmt) == "diffusers" else read_compvis(src)
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+def _base_module():
+    """``configs/base.py`` of this checkout (configs/ is not an installed package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "configs", "base.py")
+    path = os.path.normpath(path)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path} is missing: the import builds its config on configs/base.py of the lidiff "
+                                "checkout")
+    spec = importlib.util.spec_from_file_location("_lidiff_configs_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """``configs/x.py`` or ``configs/x.py:arg`` -> its ``get_config([arg])``."""
+    from lidiff.eval.sources import load_config
+
+    return load_config(spec)
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: a Python literal (``32``, ``(1, 2)``, ``True``, ``0.18215``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, str]) -> None:
+    """Sets ``{"diffusion.model.num_heads": "8", ...}`` on ``config``; an unknown field raises ``ConfigError``
+    naming the fields that exist at that level."""
+    for path, text in overrides.items():
+        node, parts = config, path.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                fields = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"--config.{path}: config.{'.'.join(parts[:i]) or '<root>'} has no field "
+                                  f"{part!r}{hint}; its fields are {', '.join(fields)}")
+            if i < len(parts) - 1:
+                node = node[part]
+        value = parse_value(text)
+        if isinstance(node[parts[-1]], tuple) and isinstance(value, (int, float)):
+            value = (value,)
+        try:
+            node[parts[-1]] = value
+        except TypeError as e:
+            raise ConfigError(f"--config.{path}={text}: {e}") from None
+
+
+def _unet_config_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != "label_classes"}
+
+
+def _conditioning_fields(source: Source, unet: Mapping[str, Any]) -> dict[str, Any]:
+    """``diffusion.conditioning`` fields the source implies (text: heads are left unset, -1)."""
+    cond = source.cond
+    if any(k.startswith("transformer.text_model.") or k.startswith("model.") for k in cond):
+        raise ConfigError(f"{source.path}: the cond stage is a CLIP / OpenCLIP text encoder (Stable Diffusion); "
+                          "lidiff's text conditioning is the CompVis BERT-style transformer, so it cannot be imported")
+    if "embedding.weight" in cond:
+        fields = infer.infer_class_embedder(infer.shapes_of(cond))
+    elif "transformer.token_emb.weight" in cond:
+        fields = infer.infer_text_transformer(infer.shapes_of(cond))
+        fields.update(heads=-1, dim_head=-1)
+    elif cond:
+        raise ConfigError(f"{source.path}: unknown cond stage (keys {', '.join(sorted(cond)[:5])}); give --config "
+                          "with the matching diffusion.conditioning")
+    elif unet["label_classes"]:
+        fields = dict(kind="class", mode="adm", num_classes=int(unet["label_classes"]) - 1)
+    elif unet["context_dim"]:
+        raise ConfigError(f"{source.path}: the UNet has cross-attention (context_dim {unet['context_dim']}) but the "
+                          "source holds no conditioning encoder lidiff can import; give --config with one")
+    else:
+        fields = dict(kind="none")
+    return fields
+
+
+def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[str]]:
+    """The experiment config the source's shapes imply -> ``(config, report lines)``; what the shapes do not
+    determine is left unset (heads -1) for ``_check_required``."""
+    base = _base_module()
+    if source.format == "diffusers":
+        unet = infer.unet_fields_from_diffusers(source.unet_config)
+    else:
+        unet = infer.infer_unet(infer.shapes_of(source.unet))
+        unet.update(legacy=True, num_heads=-1, num_head_channels=-1)
+    ae = infer.infer_autoencoder(infer.shapes_of(source.first_stage), resolution)
+    cond = _conditioning_fields(source, unet)
+    model = base.autoencoder_model(ae["kind"], ae["ch_mult"], ae["z_channels"], ae["embed_dim"],
+                                   attn_resolutions=ae["attn_resolutions"], n_embed=ae["n_embed"], ch=ae["ch"],
+                                   num_res_blocks=ae["num_res_blocks"], resolution=resolution,
+                                   attn_type=ae["attn_type"])
+    stage1 = base.autoencoder_stage(model, base.autoencoder_loss(), FINETUNE_BATCH_SIZE, FINETUNE_LEARNING_RATE)
+    stage2 = base.diffusion_stage(base.unet_model(**_unet_config_fields(unet)), FINETUNE_BATCH_SIZE,
+                                  FINETUNE_LEARNING_RATE)
+    stage2.conditioning.update(cond)
+    # The imported EMA is a long-run average: a fine-tune continues it at the full decay instead of restarting
+    # CompVis's warm-up (which would overwrite it within a few steps, since the step restarts at 0).
+    stage2.train.ema_warmup = False
+    config = base.experiment(("diffusion",), base.data_config("folder", resolution=resolution), stage1, stage2)
+    what = "unet/config.json and the vae tensor shapes" if source.format == "diffusers" else "the tensor shapes"
+    lines = [f"architecture inferred from {what}:", "  " + infer.describe_unet(unet),
+             "  " + infer.describe_autoencoder(ae),
+             f"  conditioning: {cond['kind']}" + (f" ({cond['mode']})" if cond["kind"] != "none" else "")
+             + "".join(f", {k} {v}" for k, v in cond.items() if k not in ("kind", "mode", "heads", "dim_head"))]
+    return config, lines
+
+
+def _check_required(config: ConfigDict, source: Source) -> None:
+    """Refuses a config whose head layout (or text-encoder heads) the user has not set, naming the flags."""
+    missing = []
+    m = config.diffusion.model
+    if m.num_heads == -1 and m.num_head_channels == -1:
+        missing.append("the UNet's attention head layout, which tensor shapes do not determine: "
+                       + " or ".join(infer.HEAD_FLAGS))
+    c = config.diffusion.conditioning
+    if c.kind == "text":
+        if c.heads <= 0:
+            missing.append("the text encoder's heads: --config.diffusion.conditioning.heads=<heads> (CompVis: 8)")
+        if not c.tokenizer:
+            missing.append("the text model's tokenizer: --config.diffusion.conditioning.tokenizer=<BERT tokenizer "
+                           "folder> (bert-base-uncased for CompVis txt2img)")
+    if c.kind == "none" and m.in_channels != config.autoencoder.model.embed_dim:
+        missing.append(f"the conditioning concatenated to the latents ({m.in_channels} UNet input channels, "
+                       f"{config.autoencoder.model.embed_dim} latent channels): --config.diffusion.conditioning."
+                       "kind=superres|inpainting|semantic --config.diffusion.conditioning.mode=concat")
+    if missing:
+        raise ConfigError(f"{source.path}: set what the checkpoint does not say, then run the command again:\n  "
+                          + "\n  ".join(missing))
+    if c.kind == "text" and c.dim_head == -1:
+        inner = source.cond["transformer.attn_layers.layers.0.1.to_q.weight"].shape[0]
+        if inner % c.heads:
+            raise ConfigError(f"--config.diffusion.conditioning.heads={c.heads} does not divide the text encoder's "
+                              f"attention width {inner}")
+        c.dim_head = inner // c.heads
+
+
+def _compare(inferred: Mapping[str, Any], section: ConfigDict, name: str) -> list[str]:
+    """``field: checkpoint X, config Y`` for every inferred field the config sets differently."""
+    out = []
+    transformer_only = ("transformer_depth", "context_dim", "use_linear_in_transformer")
+    for key, value in inferred.items():
+        if key not in section or (key in transformer_only and not inferred.get("use_spatial_transformer", True)):
+            continue
+        have = section[key]
+        if isinstance(value, tuple):
+            same = sorted(value) == sorted(have) if "resolutions" in key else tuple(value) == tuple(have)
+        else:
+            same = value == have
+        if not same:
+            out.append(f"{name}.{key}: checkpoint {value!r}, config {have!r}")
+    return out
+
+
+def check_config_against_source(config: ConfigDict, source: Source) -> None:
+    """With ``--config``: the architecture it describes must be the checkpoint's (``SourceMismatch`` otherwise)."""
+    if source.format == "diffusers":
+        unet = infer.unet_fields_from_diffusers(source.unet_config)
+        unet = {k: v for k, v in unet.items() if k not in ("num_heads", "num_head_channels", "legacy")}
+    else:
+        unet = infer.infer_unet(infer.shapes_of(source.unet))
+    ae = infer.infer_autoencoder(infer.shapes_of(source.first_stage), config.autoencoder.model.resolution)
+    diffs = (_compare(_unet_config_fields(unet), config.diffusion.model, "diffusion.model")
+             + _compare({k: v for k, v in ae.items() if k != "resolution"}, config.autoencoder.model,
+                        "autoencoder.model"))
+    if diffs:
+        raise SourceMismatch("the --config architecture is not the checkpoint's:\n  " + "\n  ".join(diffs))
+
+
+def build_config(source: Source, config_file: str | None, overrides: Mapping[str, str],
+                 resolution: int) -> tuple[ConfigDict, list[str]]:
+    """The experiment config to write -> ``(config, report lines)``: ``--config`` (checked against the shapes)
+    or the inferred one, then the overrides, then the values the source stores (schedule, scale_factor)."""
+    if config_file:
+        config = load_config_file(config_file)
+        apply_overrides(config, overrides)
+        check_config_against_source(config, source)
+        lines = [f"architecture from --config={config_file} (checked against the tensor shapes)"]
+    else:
+        config, lines = inferred_config(source, resolution)
+        apply_overrides(config, overrides)
+    _check_required(config, source)
+    config.stages = ("diffusion",)
+    config.diffusion.first_stage.workdir = ""
+    lines += ["  UNet heads: " + (f"num_head_channels {config.diffusion.model.num_head_channels}"
+                                  if config.diffusion.model.num_head_channels != -1
+                                  else f"num_heads {config.diffusion.model.num_heads}")]
+    if not config_file:
+        lines.append("  fine-tuning: diffusion.train.ema_warmup=False (the imported EMA continues at the full decay);"
+                     f" batch size {FINETUNE_BATCH_SIZE} and learning rate {FINETUNE_LEARNING_RATE:g} are placeholders")
+    lines += _stored_numbers(config, source, f"--config={config_file}" if config_file else
+                             "the config: configs/base.py defaults and --config.* overrides")
+    return config, lines
+
+
+def _stored_numbers(config: ConfigDict, source: Source, where: str) -> list[str]:
+    """Schedule, parameterization and scale_factor: from the source when it stores them, else the config
+    (``where`` names it). Sets them on ``config``; returns report lines saying where each came from."""
+    process, fs = config.diffusion.process, config.diffusion.first_stage
+    stored: dict[str, Any] = {}
+    origin = where
+    if "betas" in source.buffers:
+        stored = infer.infer_schedule(source.buffers["betas"], source.buffers.get("alphas_cumprod"))
+        origin = "the checkpoint's betas buffer"
+    elif source.scheduler_config:
+        stored = infer.process_from_diffusers_scheduler(source.scheduler_config)
+        origin = "scheduler/scheduler_config.json"
+    replaced = [f"{k} {process[k]!r}" for k, v in stored.items() if process[k] != v]
+    process.update(stored)
+    note = f"; replaces the config's {', '.join(replaced)}" if replaced and where.startswith("--config") else ""
+    lines = [f"schedule: {process.schedule}, T={process.num_timesteps}, linear_start {process.linear_start:g}, "
+             f"linear_end {process.linear_end:g} (from {origin}{note})"]
+    if "parameterization" in stored:
+        lines.append(f"parameterization: {process.parameterization} (from {origin})")
+    else:
+        lines.append(f"parameterization: {process.parameterization} (from {where}; the checkpoint does not say: "
+                     "set --config.diffusion.process.parameterization=v for a v-prediction model)")
+    if "scale_factor" in source.buffers:
+        value = float(np.asarray(source.buffers["scale_factor"]).reshape(()))
+        origin = "the checkpoint's scale_factor buffer"
+    elif "scaling_factor" in source.vae_config:
+        value, origin = float(source.vae_config["scaling_factor"]), "vae/config.json scaling_factor"
+    else:
+        value, origin = float(fs.scale_factor), where
+    note = f"; replaces the config's {fs.scale_factor!r}" if value != fs.scale_factor and \
+        where.startswith("--config") else ""
+    if origin == where:
+        note += "; set --config.diffusion.first_stage.scale_factor (0.18215 for the KL-f8 txt2img / SD models)"
+    fs.scale_factor = value
+    fs.scale_by_std = False  # the factor is fixed now; a fine-tune must not recompute it
+    lines.append(f"scale_factor: {value:.6g} (from {origin}{note})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def _collect(errors: list[str], what: str, fn, *args, **kwargs):
+    """Runs one strict conversion; a ``ConversionError`` is recorded under ``what`` and None returned."""
+    try:
+        return fn(*args, **kwargs)
+    except ConversionError as e:
+        errors.append(f"{what}: {e}")
+        return None
+
+
+def convert_params(source: Source, config: ConfigDict, trainer, use_ema: bool) -> tuple[Any, Any, Any, list[str]]:
+    """All tensors -> ``(autoencoder params, params, ema_params, report lines)`` (nested float32 numpy).
+
+    params / ema_params: ``{"unet": ..., "cond": ...}`` shaped like ``trainer.ldm.init_params``. Raises one
+    ``SourceMismatch`` listing every component's missing, unexpected and mis-shaped tensors.
+    """
+    from lidiff.convert.compvis_cond import class_embedder_params_from_compvis, text_transformer_params_from_compvis
+    from lidiff.convert.diffusers_unet import unet_params_from_compvis, unet_params_from_diffusers
+    from lidiff.convert.diffusers_vae import autoencoder_params_from_compvis
+
+    errors: list[str] = []
+    lines: list[str] = []
+    unet_model = trainer.ldm.unet
+    if source.format == "diffusers":
+        unet = _collect(errors, "UNet (unet/)", unet_params_from_diffusers, source.unet, unet_model)
+    else:
+        unet = _collect(errors, f"UNet ({UNET_PREFIX}*)", unet_params_from_compvis, source.unet, unet_model)
+    ema_unet = None
+    if source.ema and use_ema:
+        ema_unet = _collect(errors, f"UNet EMA ({EMA_UNET_PREFIX}*)", unet_params_from_compvis, source.ema,
+                            unet_model, ema=True)
+        lines.append(f"EMA: {len(source.ema)} {EMA_UNET_PREFIX}* tensors -> ema_params (sampling uses them); the raw "
+                     f"{UNET_PREFIX}* weights -> params (fine-tuning continues from them)")
+    elif source.ema:
+        lines.append(f"EMA: --no_ema: the {len(source.ema)} {EMA_UNET_PREFIX}* tensors are ignored; params and "
+                     "ema_params both hold the raw weights")
+    else:
+        lines.append("EMA: the source holds no EMA weights; params and ema_params both hold its weights")
+    ae_model = trainer.first_stage.model
+    prefix = "vae/" if source.format == "diffusers" else FIRST_STAGE_PREFIX + "*"
+    if not source.first_stage:
+        errors.append(f"autoencoder ({prefix}): no tensors; an LDM checkpoint carries its first stage")
+        ae = None
+    else:
+        ae = _collect(errors, f"autoencoder ({prefix})", autoencoder_params_from_compvis, source.first_stage, ae_model)
+    cond_target = jax.eval_shape(trainer.ldm.conditioner.init, jax.random.PRNGKey(0))
+    kind = config.diffusion.conditioning.kind
+    cond: Any = {}
+    if source.cond and kind == "class":
+        cond = _collect(errors, f"class embedder ({COND_PREFIX}*)", class_embedder_params_from_compvis, source.cond,
+                        cond_target, prefix="")
+    elif source.cond and kind == "text":
+        cond = _collect(errors, f"text encoder ({COND_PREFIX}*)", text_transformer_params_from_compvis, source.cond,
+                        cond_target, prefix="transformer.")
+        outside = sorted(k for k in source.cond if not k.startswith("transformer."))
+        if outside:
+            errors.append(f"text encoder ({COND_PREFIX}*): unexpected {', '.join(outside[:50])}")
+        if any(k.startswith("transformer.to_logits.") for k in source.cond):
+            lines.append(f"ignored: {COND_PREFIX}transformer.to_logits.* (the unused language-model head)")
+    elif source.cond:  # e.g. a semantic model's SpatialRescaler channel_mapper: CompVis names, strictly
+        cond = _collect(errors, f"cond stage ({COND_PREFIX}*, conditioning.kind={kind!r})", convert_state_dict,
+                        source.cond, cond_target)
+    elif jax.tree.leaves(cond_target):
+        errors.append(f"cond stage: conditioning.kind={kind!r} needs encoder weights, the source has none "
+                      f"({COND_PREFIX}*)")
+    if errors:
+        raise SourceMismatch(f"{source.path} does not match the lidiff model (missing names are lidiff param "
+                             "paths: input_blocks_4_1/norm is CompVis input_blocks.4.1.norm; unexpected and "
+                             "mis-shaped names are the source's keys):\n" + "\n".join(errors)
+                             + "\nCheck --config / the --config.* overrides, or that the file is not damaged.")
+    params = {"unet": unet, "cond": cond}
+    ema = {"unet": ema_unet if ema_unet is not None else unet, "cond": cond}
+    return ae, params, ema, lines
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+
+def _check_out(out: str) -> None:
+    for stage in (runs.AUTOENCODER, runs.DIFFUSION):
+        if os.path.exists(runs.checkpoint_dir(out, stage)):
+            raise ConfigError(f"--out={out} already holds {stage} checkpoints ({runs.checkpoint_dir(out, stage)}); "
+                              "choose a new directory (an import never overwrites a run)")
+
+
+def write_run(out: str, config: ConfigDict, trainer, ae_params: Any, params: Any, ema_params: Any) -> None:
+    """Writes the autoencoder and diffusion checkpoints (step 0) under ``out`` in ``lidiff.runs``'s layout."""
+    from lidiff.checkpoint import Checkpointer
+    from lidiff.train.autoencoder import checkpoint_meta as autoencoder_meta
+    from lidiff.train.diffusion import DiffusionState
+    from lidiff.train.diffusion import checkpoint_meta as diffusion_meta
+
+    step = np.zeros((), np.int32)
+    stage1 = {"step": step, "params": {"autoencoder": ae_params, "logvar": np.zeros((), np.float32)},
+              "ema_params": {}}
+    scale = float(config.diffusion.first_stage.scale_factor)
+    as_jax = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    params, ema_params = as_jax(params), as_jax(ema_params)
+    state = DiffusionState(step=step, params=params, opt_state=trainer.tx.init(params), ema_params=ema_params,
+                           scale_factor=np.asarray(scale, np.float32))
+    for stage, tree, meta in ((runs.AUTOENCODER, stage1, autoencoder_meta(config)),
+                              (runs.DIFFUSION, state, diffusion_meta(config, scale))):
+        checkpointer = Checkpointer(runs.checkpoint_dir(out, stage), keep=1)
+        try:
+            checkpointer.save(0, tree, meta)
+        finally:
+            checkpointer.close()
+
+
+CONFIG_FILE = "config.py"
+_CONFIG_PY = '''"""The config of the lidiff run in this folder, imported from {src} by python -m lidiff.convert:
+the one saved with its latest diffusion checkpoint. Fine-tune with
+
+    python train.py --config={path} --workdir={out} --config.data.path=<images> ...
+"""
+
+import os
+
+from lidiff import runs
+
+
+def get_config():
+    return runs.saved_config(os.path.dirname(os.path.abspath(__file__)))
+'''
+
+
+def write_config_file(out: str, src: str) -> str:
+    """``<out>/config.py``: ``get_config()`` returns the config saved with the run, so ``train.py --config`` (which
+    needs a config file) can fine-tune the imported model. Returns its path."""
+    path = os.path.join(out, CONFIG_FILE)
+    with open(path, "w") as f:
+        f.write(_CONFIG_PY.format(src=os.path.abspath(src), path=path, out=out))
+    return path
+
+
+def build_trainer(config: ConfigDict, out: str):
+    """The stage-2 model (``DiffusionTrainer``) the config builds, with the text model's tokenizer copied into
+    ``out`` (``runs.tokenizer_dir``)."""
+    from lidiff.ldm import FirstStage
+    from lidiff.train import builders
+    from lidiff.train import conditioning as conditioning_setup
+    from lidiff.train.diffusion import DiffusionTrainer
+
+    model_cfg = config.autoencoder.model
+    first_stage = FirstStage(model=builders.build_autoencoder(model_cfg, jnp.float32), kind=model_cfg.kind)
+    tokenizer = conditioning_setup.prepare_tokenizer(config, out)
+    return DiffusionTrainer(config.diffusion, first_stage, config.seed, tokenizer)
+
+
+def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file: str | None = None,
+                      overrides: Mapping[str, str] | None = None, use_ema: bool = True,
+                      resolution: int = DEFAULT_RESOLUTION) -> ImportReport:
+    """Reads ``src``, converts every tensor strictly and writes a run directory at ``out``.
+
+    overrides: ``{"diffusion.model.num_head_channels": "32", ...}`` (the ``--config.<field>=<value>`` flags).
+    resolution: training image size of the written config when there is no ``--config`` (it places the
+    autoencoder's attention levels and is the default sampling size).
+    """
+    _check_out(out)
+    source = read_source(src, fmt)
+    try:
+        config, lines = build_config(source, config_file, overrides or {}, resolution)
+    except SourceMismatch:
+        raise
+    except ConversionError as e:  # inference could not read the shapes
+        raise SourceMismatch(f"{src}: {e}") from None
+    trainer = build_trainer(config, out)
+    ae, params, ema, ema_lines = convert_params(source, config, trainer, use_ema)
+    lines += ema_lines + [f"ignored: {key} ({reason})" for key, reason in source.ignored]
+    write_run(out, config, trainer, ae, params, ema)
+    config_path = write_config_file(out, src)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    lines += [f"wrote {out}: autoencoder/ and diffusion/ checkpoints at step 0 ({n:,} stage-2 parameters, a fresh "
+              f"AdamW state for fine-tuning) and {config_path}",
+              f"  sample:    python sample.py --workdir={out}",
+              f"  fine-tune: python train.py --config={config_path} --workdir={out} --config.data.path=<images> "
+              "(set data, diffusion.train.batch_size / num_steps and diffusion.optim.learning_rate)"]
+    return ImportReport(config=config, lines=[f"{source.format} checkpoint {src}"] + lines,
+                        used_ema=bool(source.ema) and use_ema)
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` -> (the arguments that are not ``--config.<field>=<value>``, ``{field: value}``)."""
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            field, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                raise ConfigError(f"{arg}: write config overrides as --config.<field>=<value>")
+            overrides[field] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
