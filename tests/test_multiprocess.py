@@ -2,7 +2,10 @@
 (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), against 1 process x 8 devices.
 
 The model is a tiny stage-1 autoencoder (16x16 digits, ch 32, ch_mult 1,2, no GAN before step 1000), so each
-process compiles in seconds. Both layouts split the same global batch of 8 over 8 devices.
+process compiles in seconds. Both layouts split the same global batch of 8 over 8 devices. Stage 2 (the
+quickstart's class-conditional UNet on that autoencoder's latents) runs with its train state sharded over all 8
+devices (``parallel.fsdp=8``, so across both processes), a latent cache built by process 0 and read by both, and
+final samples.
 """
 
 import os
@@ -10,9 +13,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from lidiff.checkpoint import Checkpointer
 from lidiff.metrics.writers import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +38,21 @@ def env_for(devices: int, **extra: str) -> dict:
             **extra}
 
 
+STAGE2 = ["--config=configs/quickstart.py", "--config.stages=('diffusion',)", "--config.data.resolution=16",
+          "--config.data.num_threads=1", "--config.parallel.fsdp=8", "--config.diffusion.train.batch_size=8",
+          "--config.diffusion.train.num_steps=2", "--config.diffusion.train.log_every=1",
+          "--config.diffusion.train.checkpoint_every=2", "--config.diffusion.sample.steps=2",
+          "--config.diffusion.sample.final_samples_per_class=1"]
+
+
 def train(workdir: str, steps: int, processes: int) -> list[subprocess.CompletedProcess]:
     """``train.py`` with the tiny config for ``steps`` steps in ``processes`` processes (8 devices in all)."""
-    cmd = [sys.executable, "train.py", *TINY, f"--workdir={workdir}", f"--config.autoencoder.train.num_steps={steps}"]
+    return launch([*TINY, f"--workdir={workdir}", f"--config.autoencoder.train.num_steps={steps}"], processes)
+
+
+def launch(args: list[str], processes: int) -> list[subprocess.CompletedProcess]:
+    """``train.py args`` in ``processes`` processes of 8 // processes CPU devices each."""
+    cmd = [sys.executable, "train.py", *args]
     if processes == 1:
         return [subprocess.run(cmd, cwd=REPO, env=env_for(8), capture_output=True, text=True, timeout=600)]
     port = free_port()
@@ -97,6 +114,43 @@ def test_two_process_run_stopped_and_restarted_ends_where_an_uninterrupted_one_d
     first, second = runs["resume_logs"]
     assert "resuming from step 2" in first.stderr  # process 0 logs ...
     assert "resuming from step 2" not in second.stderr  # ... the others only warnings and errors
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(runs, tmp_path_factory):
+    """Stage 2 on the 1-process run's autoencoder, fsdp=8, in 2 processes x 4 devices and in 1 x 8."""
+    root = tmp_path_factory.mktemp("multiprocess_stage2")
+    out = {}
+    for name, processes in (("two", 2), ("one", 1)):
+        out[name] = str(root / name)
+        out[f"{name}_logs"] = launch([*STAGE2, f"--workdir={out[name]}",
+                                      f"--config.diffusion.first_stage.workdir={runs['one']}"], processes)
+        assert_ok(out[f"{name}_logs"])
+    return out
+
+
+def stage2_params(workdir: str) -> list[np.ndarray]:
+    checkpointer = Checkpointer(os.path.join(workdir, "diffusion", "checkpoints"), create=False)
+    items, _, step = checkpointer.restore_items(names=("params", "ema_params"))
+    checkpointer.close()
+    assert step == 2
+    return [np.asarray(x) for x in jax.tree.leaves(items)]
+
+
+def test_two_process_fsdp_stage2_trains_caches_and_samples_like_one(stage2_runs):
+    """The state sharded across both processes trains to the 1-process values, the latent cache is built once
+    by process 0, and the final samples (drawn after gathering the EMA params) equal the 1-process ones."""
+    first, second = stage2_runs["two_logs"]
+    assert "latent cache: wrote" in first.stderr and "latent cache: wrote" not in second.stderr
+    assert os.path.isfile(os.path.join(stage2_runs["two"], "diffusion", "latents.npz"))
+    two, one = stage2_params(stage2_runs["two"]), stage2_params(stage2_runs["one"])
+    error = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(two, one)) / sum(np.sum(b ** 2) for b in one))
+    assert len(two) == len(one) > 0 and error < 1e-5, error
+    with np.load(os.path.join(stage2_runs["two"], "samples.npz")) as a, \
+            np.load(os.path.join(stage2_runs["one"], "samples.npz")) as b:
+        assert a["images"].shape == b["images"].shape == (10, 16, 16, 3)
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert np.abs(a["images"].astype(np.float32) - b["images"].astype(np.float32)).max() <= 2  # uint8 levels
 
 
 def test_processes_that_disagree_on_the_launch_are_refused(tmp_path):
