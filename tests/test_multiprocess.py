@@ -34,8 +34,9 @@ def free_port() -> int:
 
 
 def env_for(devices: int, **extra: str) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            **extra}
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1 "
+             "--xla_llvm_disable_expensive_passes=true")  # as tests/conftest.py: tiny programs, compile-bound
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
 
 
 STAGE2 = ["--config=configs/quickstart.py", "--config.stages=('diffusion',)", "--config.data.resolution=16",

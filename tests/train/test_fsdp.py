@@ -1,6 +1,7 @@
 """Sharded training state (``config.parallel.fsdp``) on 8 forced CPU devices: the sharding rule, the same
 numerics as the replicated run, per-device memory divided by the fsdp factor, state built already sharded, and
-checkpoints that restore onto another mesh (and resume there).
+checkpoints that restore onto another mesh. (``tests/test_multiprocess.py`` trains through ``train.py`` with the
+state sharded across two processes.)
 
 The model is an unconditional one-level stage-2 UNet of 64 channels whose kernels are mostly above
 ``parallel.MIN_SHARDED_SIZE`` elements, so sharding them shows in the memory figures; its batches are cached
@@ -8,7 +9,6 @@ encodings (mean, logvar).
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,7 @@ from lidiff.checkpoint import Checkpointer
 from lidiff.errors import ConfigError
 from lidiff.runs import load_first_stage
 from lidiff.train.common import compile_step, init_sharded
-from lidiff.train.diffusion import DiffusionTrainer, train_diffusion
-from tests.compilation_cache import compilation_cache
+from lidiff.train.diffusion import DiffusionTrainer
 from tests.train.stage2_support import randomized_kernels, write_random_first_stage
 
 RES, BATCH, LATENT_CH = 16, 8, 4
@@ -71,13 +70,6 @@ def tiny_config(fs_workdir: str = "", fsdp: int = 1, num_steps: int = STEPS):
     config.parallel.fsdp = fsdp
     config.lock()
     return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    """The train_diffusion runs build the steps the step fixtures compiled: compile each once."""
-    with compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_compilation_cache_fsdp")):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +199,3 @@ def test_checkpoints_restore_onto_another_mesh(stepped, tmp_path):
     assert kernel.sharding.spec == P(None, None, "fsdp") and len(kernel.sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(jax.device_get(sharded)), jax.tree.leaves(jax.device_get(back))):
         np.testing.assert_array_equal(b, a)
-
-
-def test_train_py_run_with_fsdp_resumes_replicated_and_ends_where_a_replicated_run_does(fs_workdir, tmp_path):
-    """train_diffusion with fsdp=8 for 2 steps (a checkpoint), resumed with fsdp=1 to 3 steps, equals 3 steps
-    with fsdp=1 throughout (same data order, same keys)."""
-    sharded_then_replicated = str(tmp_path / "a")
-    state = train_diffusion(tiny_config(fs_workdir, fsdp=8, num_steps=2), sharded_then_replicated)
-    assert state.params["unet"]["middle_block_0"]["in_layers_2"]["kernel"].sharding.spec == P(None, None, "fsdp")
-    resumed = jax.device_get(train_diffusion(tiny_config(fs_workdir, fsdp=1, num_steps=3), sharded_then_replicated))
-    straight = jax.device_get(train_diffusion(tiny_config(fs_workdir, fsdp=1, num_steps=3), str(tmp_path / "b")))
-    assert int(resumed.step) == 3
-    assert_relative_close(resumed, straight)
-    assert os.path.isdir(os.path.join(sharded_then_replicated, "diffusion", "checkpoints"))
