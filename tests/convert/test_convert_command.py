@@ -7,7 +7,6 @@ them with the repository's diffusers -> CompVis renaming, plus EMA entries, sche
 
 import functools
 import json
-import math
 import os
 
 import jax
@@ -27,6 +26,7 @@ from lidiff.convert.diffusers_vae import diffusers_vae_to_compvis
 from lidiff.errors import ConfigError
 from lidiff.diffusion.schedule import make_beta_schedule
 from lidiff.models.unet import UNetModel
+from tests.convert.test_diffusers_vae import randomize  # every parameter random, norm scales near 1
 
 TOL = 1e-4
 QUICKSTART = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "quickstart.py")
@@ -47,21 +47,6 @@ LINEAR_START, LINEAR_END, T, SCALE = 0.0015, 0.0195, 1000, 0.3125
 
 class NotATensor:
     """Stands for what a Lightning checkpoint pickles besides tensors (callbacks, hyper-parameter objects)."""
-
-
-def randomize(module, seed):
-    """Every parameter random (zero-initialised output convs included), norm scales near 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(np.prod(p.shape[1:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return module.eval()
 
 
 def rel(a, b) -> float:
