@@ -173,7 +173,12 @@ def conditioning(kind: str = "none", **overrides) -> ConfigDict:
     c.attention_kernel = "auto"  # text / layout transformer: auto | xla | cudnn | reference
     c.vocab_size = 0  # text: token table size (0 = the tokenizer's); layout: 8192 as CompVis
     c.max_length = 77  # text: tokens per prompt ([CLS] ... [SEP] [PAD]...)
-    c.tokenizer = ""  # text: directory of a BERT tokenizer (vocab.txt or tokenizer.json), copied into the run
+    c.encoder = "transformer"  # text: transformer (trained jointly, CompVis BERTEmbedder) | clip (frozen, pretrained)
+    c.text_encoder = ""  # text, encoder=clip: a Hugging Face CLIPTextModel folder (config.json, model.safetensors),
+    #                      copied into the run; never trained
+    c.clip_output = "last"  # encoder=clip: last (SD v1, diffusers' SD v2 folder) | penultimate (a full OpenCLIP tower)
+    c.tokenizer = ""  # text: a tokenizer directory (BERT: vocab.txt or tokenizer.json; clip: a CLIPTokenizer's),
+    #                   copied into the run
     c.build_vocab = False  # text: no tokenizer given -> train a WordPiece vocabulary on the training captions
     c.max_boxes = 0  # layout: boxes per image K (the sequence is 3K tokens)
     c.sr_factor = 4  # superres: high-res side / low-res side
@@ -205,6 +210,7 @@ def diffusion_stage(unet: ConfigDict, batch_size: int, learning_rate: float, **p
     c.latent_cache = ConfigDict()
     c.latent_cache.enabled = False  # encode the dataset once and train from the cached latents
     c.latent_cache.path = ""  # "" = <workdir>/diffusion/latents.npz
+    c.latent_cache.text_embeddings = False  # frozen text encoders: cache each caption's embedding beside its latent
     c.optim = ConfigDict()
     c.optim.learning_rate = learning_rate  # AdamW lr, used as given
     c.optim.warmup_steps = 0  # linear warm-up from 0

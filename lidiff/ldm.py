@@ -2,6 +2,7 @@
 
     ldm = LatentDiffusion(unet, conditioner, schedule, parameterization, first_stage)
     params = ldm.init_params(rng, latent_shape)                 # {"unet": ..., "cond": ... or {}}
+    params = ldm.with_frozen_encoder(params, clip_params)       # a frozen text encoder's weights as "cond"
     cond = ldm.encode_condition(params, inputs, latent_hw=(h, w))  # raw inputs -> {"context" | "y" | "concat"}
     out = ldm.apply_model(params, x_t, t, cond)                 # [B, h, w, c] eps / x0 / v
     images = ldm.generate(params, first_stage_params, scale_factor, rng, num=..., latent_shape=...,
@@ -91,6 +92,17 @@ class LatentDiffusion:
     def conditional(self) -> bool:
         return bool(self.conditioner.input_specs)
 
+    @property
+    def frozen_encoder(self) -> bool:
+        """Whether the conditioning encoder is pretrained and frozen (CLIP): its weights are not in the trained
+        params, whose ``"cond"`` is {}; ``with_frozen_encoder`` puts them in for encoding and sampling."""
+        return not getattr(self.conditioner, "trainable", True)
+
+    def with_frozen_encoder(self, params: dict, encoder_params: Any) -> dict:
+        """Trained params {"unet", "cond"} -> the params ``encode_condition`` / ``generate`` take: ``"cond"``
+        replaced by the frozen encoder's weights when there is one, else ``params`` unchanged."""
+        return {**params, "cond": encoder_params} if self.frozen_encoder else params
+
     def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         """The encoder's null input for ``n`` rows (classifier-free guidance's unconditional branch); spatial
         inputs are sized for latents of ``latent_hw``."""
@@ -123,6 +135,8 @@ class LatentDiffusion:
         hw = tuple(latent_shape[:2])
         if getattr(self.conditioner, "first_stage", None) is not None:  # the UNet's init needs the concat's shape only
             cond = {"concat": jnp.zeros((1,) + hw + (self.conditioner.concat_channels,), jnp.float32)}
+        elif self.frozen_encoder:  # ... or the context's
+            cond = {"context": jnp.zeros((1,) + self.conditioner.context_shape, jnp.float32)}
         else:
             cond = self.conditioner.encode(cond_params, self.conditioner.null_inputs(1, hw), latent_hw=hw)
         x = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)

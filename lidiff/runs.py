@@ -6,6 +6,7 @@
                                                 scale_factor); meta: config (the whole experiment, JSON)
     <workdir>/diffusion/metrics.jsonl, images/, latents.npz (latent cache)
     <workdir>/diffusion/tokenizer/              text models: the tokenizer the model was trained with
+    <workdir>/diffusion/text_encoder/           frozen CLIP text encoders: config.json + model.safetensors
     <workdir>/samples.npz, samples_grid.png     final samples, when the config asks for them
 
 Each checkpoint item is stored separately, so ``load_latent_diffusion`` reads the EMA params, the scale factor
@@ -39,6 +40,11 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
 def tokenizer_dir(workdir: str) -> str:
     """``<workdir>/diffusion/tokenizer``: a text model's tokenizer, kept with its run."""
     return os.path.join(workdir, DIFFUSION, "tokenizer")
+
+
+def text_encoder_dir(workdir: str) -> str:
+    """``<workdir>/diffusion/text_encoder``: a frozen CLIP text encoder (a Hugging Face ``CLIPTextModel`` folder)."""
+    return os.path.join(workdir, DIFFUSION, "text_encoder")
 
 
 def latent_cache_path(workdir: str) -> str:
@@ -120,10 +126,12 @@ def load_first_stage(config: ConfigDict, workdir: str):
 
 def load_tokenizer(workdir: str, config: ConfigDict):
     """A text model's tokenizer: the run directory's copy, else ``conditioning.tokenizer``; None otherwise."""
-    if config.diffusion.conditioning.kind != "text":
+    cond = config.diffusion.conditioning
+    if cond.kind != "text":
         return None
-    from lidiff.data.text import load_tokenizer as load
+    from lidiff.data.text import load_clip_tokenizer, load_tokenizer as load_bert_tokenizer
 
+    load = load_clip_tokenizer if cond.get("encoder", "transformer") == "clip" else load_bert_tokenizer
     if os.path.isdir(tokenizer_dir(workdir)):
         return load(tokenizer_dir(workdir))
     if config.diffusion.conditioning.tokenizer:
@@ -133,10 +141,27 @@ def load_tokenizer(workdir: str, config: ConfigDict):
                             "diffusion.conditioning.tokenizer")
 
 
+def load_text_encoder(workdir: str, config: ConfigDict):
+    """A frozen CLIP text encoder ``(module, params)`` from ``text_encoder_dir(workdir)``, else from
+    ``conditioning.text_encoder``; None when the model has none."""
+    cond = config.diffusion.conditioning
+    if cond.kind != "text" or cond.get("encoder", "transformer") != "clip":
+        return None
+    from lidiff.convert.clip import load_clip_text_encoder
+
+    folder = text_encoder_dir(workdir) if os.path.isdir(text_encoder_dir(workdir)) else cond.text_encoder
+    if not folder:
+        raise MissingInputError(f"{workdir}: this model's CLIP text encoder is missing ({text_encoder_dir(workdir)} "
+                                "does not exist); copy the CLIPTextModel folder it was trained with there, or give "
+                                "--config with diffusion.conditioning.text_encoder")
+    return load_clip_text_encoder(folder, attention_kernel=cond.attention_kernel)
+
+
 @dataclasses.dataclass
 class LoadedLDM:
     """A trained stage-2 model ready to sample: ``ldm.generate(params, first_stage_params, scale_factor, ...)``.
-    ``params`` are the EMA params (UNet + conditioning encoder), on this process's first device."""
+    ``params`` are the EMA params (UNet + conditioning encoder; a frozen text encoder's pretrained weights as
+    ``"cond"``), on this process's first device."""
 
     config: ConfigDict
     trainer: Any  # lidiff.train.diffusion.DiffusionTrainer: the model, its tokenizer, the first stage
@@ -162,7 +187,7 @@ class LoadedLDM:
 
 def load_latent_diffusion(workdir: str, step: int | None = None, config: ConfigDict | None = None) -> LoadedLDM:
     """Restores what sampling needs from a run directory: EMA params, ``scale_factor``, the frozen first stage,
-    and a text model's tokenizer.
+    and a text model's tokenizer (and frozen CLIP text encoder).
 
     config: the experiment config (default: the one saved with the checkpoint). step: a checkpoint step
     (default: the newest that restores). No optimizer state is read.
@@ -175,7 +200,8 @@ def load_latent_diffusion(workdir: str, step: int | None = None, config: ConfigD
                                 "train stage 2 first (train.py with a config whose stages include 'diffusion')")
     config = config if config is not None else saved_config(workdir, DIFFUSION, step)
     first_stage, fs_params = load_first_stage(config, workdir)
-    trainer = DiffusionTrainer(config.diffusion, first_stage, config.seed, load_tokenizer(workdir, config))
+    trainer = DiffusionTrainer(config.diffusion, first_stage, config.seed, load_tokenizer(workdir, config),
+                               load_text_encoder(workdir, config))
     abstract = jax.eval_shape(
         lambda rng: trainer.init_state(rng, jnp.float32(1.0), trainer.latent_shape(config.data.resolution)),
         jax.random.PRNGKey(0))
@@ -189,5 +215,6 @@ def load_latent_diffusion(workdir: str, step: int | None = None, config: ConfigD
         items, _, restored_step = checkpointer.restore_items(targets, step)
     finally:
         checkpointer.close()
-    return LoadedLDM(config=config, trainer=trainer, params=items["ema_params"], first_stage_params=fs_params,
+    params = trainer.sampling_params(items["ema_params"])
+    return LoadedLDM(config=config, trainer=trainer, params=params, first_stage_params=fs_params,
                      scale_factor=items["scale_factor"], step=restored_step, workdir=workdir)

@@ -204,3 +204,31 @@ def test_schedules_match_the_configs(tokenizer):
         np.testing.assert_allclose([betas[0], betas[-1]], [start, end], rtol=1e-5)
         # CompVis "linear": linear in sqrt(beta).
         np.testing.assert_allclose(np.diff(np.sqrt(betas)), (np.sqrt(end) - np.sqrt(start)) / 999, rtol=1e-3)
+
+
+def test_txt2img_clip_f8_is_stable_diffusion_v1():
+    """SD v1's UNet (859,520,964 params as diffusers counts it) over 64x64x4 latents, conditioned by a frozen
+    CLIP ViT-L/14 text tower (123,060,480 params) that the trained params never hold."""
+    from configs import txt2img_clip_f8
+    from lidiff.convert.clip import abstract_params
+    from lidiff.models.clip import CLIPTextTransformer
+    from tests.clip_support import tiny_clip_tokenizer
+
+    config = txt2img_clip_f8.get_config()
+    d = config.diffusion
+    assert (d.conditioning.kind, d.conditioning.encoder, d.conditioning.clip_output) == ("text", "clip", "last")
+    assert d.model.context_dim == d.conditioning.embed_dim == 768 and d.conditioning.max_length == 77
+    assert (d.process.linear_start, d.process.linear_end, d.first_stage.scale_factor) == (0.00085, 0.012, 0.18215)
+    assert d.optim.warmup_steps == 10_000 and d.conditioning.p_uncond == 0.1
+    assert txt2img_clip_f8.get_config("manifest").data.source == "caption_manifest"
+    vit_l = CLIPTextTransformer(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12,
+                                num_heads=12)
+    first = builders.build_autoencoder(config.autoencoder.model)
+    trainer = DiffusionTrainer(d, FirstStage(model=first, kind="kl"), seed=0, tokenizer=tiny_clip_tokenizer(),
+                               text_encoder=(vit_l, None))
+    latent_shape = trainer.latent_shape(config.data.resolution)
+    assert latent_shape == (64, 64, 4)
+    shapes = jax.eval_shape(functools.partial(trainer.ldm.init_params, latent_shape=latent_shape),
+                            jax.random.PRNGKey(0))
+    assert (count(shapes["unet"]), count(shapes["cond"])) == (859_520_964, 0)
+    assert count(abstract_params(vit_l)) == 123_060_480

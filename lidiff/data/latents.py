@@ -7,7 +7,9 @@ The cache is one ``.npz`` file holding, for every source index ``i`` (row ``i``)
   images does; VQ first stages: ``mean``, the pre-quantisation encoder output);
 - the arrays of every data field (``lidiff.data.fields``), [N, *shape] in the field's dtype: ``label`` [N] int32,
   ``tokens`` [N, L] int32, ``boxes`` [N, K, 4] float32 + ``box_labels`` [N, K] int32, ...;
-- ``_fields``: the field batch keys, a str array (so a cache built for one conditioning is recognised as such).
+- ``_fields``: the field batch keys, a str array (so a cache built for one conditioning is recognised as such);
+- optionally ``text_embedding`` [N, L, D] float32, a frozen text encoder's output for ``tokens``
+  (``add_text_embeddings``).
 
 An unusable example (unreadable, or a field's reason such as "no caption") is replaced in its row by the previous
 usable example (the next one for leading rows), image and fields together, so rows stay aligned with indices.
@@ -113,6 +115,36 @@ def build_latent_cache(
     os.replace(tmp, path)
     logging.info("latent cache: wrote %d examples (%d unusable replaced), fields %s, to %s", n, skipped,
                  list(specs), path)
+    return path
+
+
+def add_text_embeddings(path: str, embed: Callable[[np.ndarray], np.ndarray], *, batch_size: int,
+                        key: str = "text_embedding") -> str:
+    """Adds a frozen text encoder's output for every row's ``tokens`` to the cache at ``path`` (rewritten
+    atomically); nothing to do when it already holds ``key``.
+
+    embed: tokens [batch_size, L] int32 -> [batch_size, L, D] (host array; it runs the encoder on the devices);
+    the last batch is padded by repetition. The cache gains ``key`` [N, L, D] float32, so that training reads the
+    encoder's output instead of running it.
+    """
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    if key in arrays:
+        return path
+    if "tokens" not in arrays:
+        raise DataError(f"latent cache {path} has no 'tokens' to embed (it holds {sorted(arrays)}): it was built for "
+                        "another conditioning. Delete it to rebuild it for the current config.")
+    tokens = arrays["tokens"]
+    chunks = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        chunks.append(np.asarray(embed(padded), np.float32)[:len(chunk)])
+    arrays[key] = np.concatenate(chunks)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    logging.info("latent cache: added the text encoder's output %s %s to %s", key, arrays[key].shape, path)
     return path
 
 

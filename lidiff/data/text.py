@@ -4,7 +4,8 @@ CompVis tokenizes prompts with HF ``bert-base-uncased`` (vocab 30522): ``[CLS] w
 padded to 77 ids, no attention mask passed on. Nothing here downloads: ``load_tokenizer`` reads a local directory
 (e.g. one saved with ``BertTokenizerFast.from_pretrained('bert-base-uncased').save_pretrained(dir)`` on a machine
 with network access), and ``build_wordpiece_tokenizer`` trains a small BERT-style vocabulary from the captions of
-a dataset, for models trained from scratch.
+a dataset, for models trained from scratch. Stable Diffusion's frozen CLIP text encoder comes with its own BPE
+tokenizer (``load_clip_tokenizer``); ``tokenize`` and ``null_tokens`` serve both.
 """
 
 from __future__ import annotations
@@ -48,6 +49,31 @@ def load_tokenizer(path: str):
         ) from e
 
 
+def load_clip_tokenizer(path: str):
+    """A ``transformers.CLIPTokenizer`` (Stable Diffusion's byte-level BPE) from the local directory ``path``, e.g.
+    a Stable Diffusion repository's ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``).
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory or holds none of those files.
+      ValueError: transformers cannot load the directory as a CLIP tokenizer.
+    """
+    from transformers import CLIPTokenizer
+
+    path = os.fspath(path)
+    expected = ("a CLIP tokenizer directory holding vocab.json and merges.txt, or tokenizer.json (a Stable "
+                "Diffusion repository's tokenizer/ folder)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Tokenizer directory {path!r} does not exist. Expected {expected}.")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "tokenizer.json")):
+        raise FileNotFoundError(f"Tokenizer directory {path!r} has no vocab.json nor tokenizer.json (it holds "
+                                f"{sorted(os.listdir(path))}). Expected {expected}.")
+    try:
+        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"Could not load a CLIP tokenizer from {path!r}: {type(e).__name__}: {e}. "
+                         f"Expected {expected}.") from e
+
+
 def build_wordpiece_tokenizer(
     texts: Iterable[str], directory: str, vocab_size: int = 1000, min_frequency: int = 1
 ):
@@ -83,7 +109,8 @@ def build_wordpiece_tokenizer(
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 77) -> np.ndarray:
-    """Prompts -> token ids exactly as CompVis's ``BERTTokenizer``: [CLS] ... [SEP], truncated, padded with [PAD].
+    """Prompts -> token ids exactly as CompVis's ``BERTTokenizer``: [CLS] ... [SEP], truncated, padded with [PAD]
+    (a CLIP tokenizer: ``<|startoftext|> ... <|endoftext|>`` and its pad token, as Stable Diffusion).
 
     texts: N strings -> int32 [N, max_length].
     """
@@ -96,5 +123,6 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 77) -> np.ndarra
 
 
 def null_tokens(tokenizer, max_length: int = 77) -> np.ndarray:
-    """The empty prompt ``""`` (``[CLS] [SEP] [PAD]...``), the null input of classifier-free guidance: int32 [L]."""
+    """The empty prompt ``""`` (``[CLS] [SEP] [PAD]...``; CLIP: ``<|startoftext|> <|endoftext|> <pad>...``), the null
+    input of classifier-free guidance: int32 [L]."""
     return tokenize(tokenizer, [""], max_length)[0]

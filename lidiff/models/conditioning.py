@@ -4,6 +4,7 @@ Raw inputs are a dict of arrays with the batch as leading axis (what the data lo
 
     class labels   {"label": [B] int32}                     (num_classes = the null class)
     text           {"tokens": [B, L] int32}                 (the empty prompt's tokens = the null input)
+                   {"text_embedding": [B, L, D]}            (a frozen encoder's cached output, instead of tokens)
     layouts        {"boxes": [B, K, 4] float32, "box_labels": [B, K] int32}   (all labels -1 = no boxes)
 
 An encoder turns them into ``cond``, a dict whose keys say how the UNet takes them (CompVis's
@@ -13,7 +14,8 @@ several at once (``hybrid``). Every encoder defines its null input, which ``p_un
 time (``drop_to_null``) and classifier-free guidance encodes for the unconditional branch.
 
 Encoders are small frozen dataclasses holding flax modules: ``init(rng) -> params`` ({} when nothing is
-trained), ``encode(params, inputs, *, latent_hw, first_stage_params) -> cond``, ``null_inputs(n) -> inputs``.
+trained; ``FrozenTextConditioning``'s pretrained weights are given to ``encode`` instead),
+``encode(params, inputs, *, latent_hw, first_stage_params) -> cond``, ``null_inputs(n) -> inputs``.
 ``latent_hw`` is the (h, w) of the latents being denoised, which a ``concat`` map must match;
 ``first_stage_params`` are the frozen autoencoder's, for encoders that encode an image with it. Both are passed
 by ``LatentDiffusion`` and ignored by encoders that do not need them. ``concat_channels`` is how many channels
@@ -201,6 +203,52 @@ class TextConditioning:
                first_stage_params: Any = None) -> dict:
         tokens = jnp.asarray(inputs["tokens"], jnp.int32)
         return {"context": self.transformer.apply({"params": params}, tokens)}
+
+    def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
+        return {"tokens": jnp.tile(jnp.asarray(self.null_tokens, jnp.int32)[None], (n, 1))}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTextConditioning:
+    """Token ids -> a pretrained text encoder used frozen (Stable Diffusion's CLIP text tower) -> context.
+
+    Nothing here is trained (``trainable = False``): ``init`` returns {}, and ``encode`` takes the encoder's
+    pretrained weights as ``params``. The trainer keeps those weights out of the train state and the optimizer and
+    passes them beside it (``LatentDiffusion.with_frozen_encoder``). ``encode`` also accepts the encoder's output
+    itself as ``{"text_embedding": [B, L, D]}`` (read from a text-embedding cache), which it passes through.
+
+    encoder: ``lidiff.models.clip.CLIPTextTransformer``; output: ``"last"`` | ``"penultimate"`` (its docstring);
+    null_tokens: the empty prompt's ids ``<|startoftext|> <|endoftext|> <pad>...`` (length L), as a tuple.
+    """
+
+    encoder: nn.Module
+    null_tokens: tuple[int, ...]
+    output: str = "last"
+    kind = "text"
+    mode = "crossattn"
+    concat_channels = 0
+    trainable = False
+
+    @property
+    def input_specs(self) -> Specs:
+        return {"tokens": ((len(self.null_tokens),), np.int32)}
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        """(L, D) of one row's context."""
+        return len(self.null_tokens), self.encoder.hidden_size
+
+    def init(self, rng: jax.Array) -> dict:
+        return {}
+
+    def encode(self, params: Any, inputs: Inputs, *, latent_hw: tuple[int, int] | None = None,
+               first_stage_params: Any = None) -> dict:
+        """params: the encoder's pretrained weights -> {"context": [B, L, D]} (no gradient flows into them)."""
+        if "text_embedding" in inputs:
+            return {"context": jnp.asarray(inputs["text_embedding"]).astype(self.encoder.dtype)}
+        tokens = jnp.asarray(inputs["tokens"], jnp.int32)
+        params = jax.lax.stop_gradient(params)
+        return {"context": self.encoder.apply({"params": params}, tokens, output=self.output)}
 
     def null_inputs(self, n: int, latent_hw: tuple[int, int] | None = None) -> dict:
         return {"tokens": jnp.tile(jnp.asarray(self.null_tokens, jnp.int32)[None], (n, 1))}

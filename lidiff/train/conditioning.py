@@ -13,7 +13,10 @@ not from the latent cache. Semantic maps come from the data, like labels.
 Text models keep their tokenizer in the run directory (``lidiff.runs.tokenizer_dir``): copied there from
 ``conditioning.tokenizer`` at the start of training, or trained from the training captions when
 ``conditioning.build_vocab`` is set. Sampling and evaluation read it from there, so a run directory is
-self-contained.
+self-contained. ``conditioning.encoder`` picks the text encoder: ``transformer`` (trained jointly, CompVis's
+BERTEmbedder) or ``clip`` (Stable Diffusion's pretrained CLIP text tower, frozen: a Hugging Face
+``CLIPTextModel`` folder ``conditioning.text_encoder``, copied to ``lidiff.runs.text_encoder_dir`` like the
+tokenizer, its weights never in the train state).
 """
 
 from __future__ import annotations
@@ -34,10 +37,16 @@ KINDS = ("none", "class", "text", "layout", "superres", "inpainting", "semantic"
 SPATIAL_KINDS = ("superres", "inpainting", "semantic")
 DERIVED_KINDS = ("superres", "inpainting")  # inputs made from the training images inside the step
 DEGRADATIONS = ("bicubic", "bsr_light")
+TEXT_ENCODERS = ("transformer", "clip")
 MASK_KINDS = ("box", "freeform", "mixed")
 # Training masks as large as the paper's LaMa-style ones: boxes of 30-70% of each side, strokes 10-30% of the side
 # thick; "mixed" masks then cover 34% of the image on average (5th-95th percentile 13-64%, measured at 32x32).
 LARGE_MASKS = dict(min_frac=0.3, max_frac=0.7, width_range=(0.1, 0.3), length_range=(0.2, 0.5))
+
+
+def text_encoder_kind(cond: ConfigDict) -> str:
+    """``conditioning.encoder`` (``transformer`` in configs saved before the field existed)."""
+    return cond.get("encoder", "transformer")
 
 
 def check_conditioning(cond: ConfigDict, model: ConfigDict) -> None:
@@ -61,6 +70,19 @@ def check_conditioning(cond: ConfigDict, model: ConfigDict) -> None:
         if cond.degradation not in DEGRADATIONS:
             raise ConfigError(f"config.diffusion.conditioning.degradation={cond.degradation!r}: choose one of "
                               f"{DEGRADATIONS}")
+    if cond.kind == "text" and text_encoder_kind(cond) not in TEXT_ENCODERS:
+        raise ConfigError(f"config.diffusion.conditioning.encoder={text_encoder_kind(cond)!r}: choose one of "
+                          f"{TEXT_ENCODERS}")
+    if cond.kind == "text" and text_encoder_kind(cond) == "clip":
+        from lidiff.models.clip import OUTPUTS
+
+        if cond.clip_output not in OUTPUTS:
+            raise ConfigError(f"config.diffusion.conditioning.clip_output={cond.clip_output!r}: choose one of "
+                              f"{OUTPUTS}")
+        if cond.build_vocab:
+            raise ConfigError("config.diffusion.conditioning.build_vocab trains a BERT vocabulary, but a CLIP text "
+                              "encoder reads the CLIP tokenizer it was trained with: set conditioning.tokenizer to "
+                              "that folder and build_vocab=False")
     if cond.kind == "inpainting" and cond.mask_kind not in MASK_KINDS:
         raise ConfigError(f"config.diffusion.conditioning.mask_kind={cond.mask_kind!r}: choose one of {MASK_KINDS}")
     cross = cond.kind in ("text", "layout") or (cond.kind == "class" and cond.mode == "crossattn")
@@ -122,10 +144,11 @@ def unet_num_classes(cond: ConfigDict) -> int | None:
     return cond.num_classes + 1 if cond.kind == "class" and cond.mode == "adm" else None
 
 
-def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any = None, first_stage: Any = None):
+def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any = None, first_stage: Any = None,
+                      text_encoder: Any = None):
     """The encoder of ``cond.kind`` (``lidiff.models.conditioning``, ``lidiff.models.spatial_conditioning``); text
-    needs the tokenizer, the spatial kinds the first stage (``lidiff.ldm.FirstStage``: its factor; inpainting
-    encodes with it)."""
+    needs the tokenizer, and with ``encoder="clip"`` the CLIP module (``prepare_text_encoder``); the spatial kinds
+    need the first stage (``lidiff.ldm.FirstStage``: its factor; inpainting encodes with it)."""
     from lidiff.models import conditioning as enc
 
     if cond.kind == "none":
@@ -153,6 +176,8 @@ def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any
         if tokenizer is None:
             raise MissingInputError("a text-conditioned model needs its tokenizer (config.diffusion.conditioning."
                                     "tokenizer, or the run directory's diffusion/tokenizer)")
+        if text_encoder_kind(cond) == "clip":
+            return frozen_text_conditioner(cond, tokenizer, text_encoder)
         vocab = cond.vocab_size or len(tokenizer)
         if vocab < len(tokenizer):
             raise ConfigError(f"config.diffusion.conditioning.vocab_size={cond.vocab_size} is smaller than the "
@@ -174,6 +199,58 @@ def build_conditioner(cond: ConfigDict, dtype: Any = jnp.float32, tokenizer: Any
     raise ConfigError(f"unknown config.diffusion.conditioning.kind {cond.kind!r}; choose one of {KINDS}")
 
 
+def frozen_text_conditioner(cond: ConfigDict, tokenizer: Any, text_encoder: Any):
+    """``FrozenTextConditioning`` over the CLIP module ``text_encoder``, checked against the config: the context
+    width is the encoder's, and prompts fit its position table."""
+    from lidiff.data.text import null_tokens
+    from lidiff.models.conditioning import FrozenTextConditioning
+
+    if text_encoder is None:
+        raise MissingInputError("config.diffusion.conditioning.encoder='clip' needs the CLIP text encoder: set "
+                                "conditioning.text_encoder to a Hugging Face CLIPTextModel folder")
+    if cond.embed_dim != text_encoder.hidden_size:
+        raise ConfigError(f"config.diffusion.conditioning.embed_dim={cond.embed_dim}, but the CLIP text encoder is "
+                          f"{text_encoder.hidden_size} wide: set embed_dim and diffusion.model.context_dim to "
+                          f"{text_encoder.hidden_size}")
+    if cond.max_length > text_encoder.max_position_embeddings:
+        raise ConfigError(f"config.diffusion.conditioning.max_length={cond.max_length} exceeds the CLIP text "
+                          f"encoder's {text_encoder.max_position_embeddings} positions")
+    if len(tokenizer) > text_encoder.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the CLIP text encoder only "
+                          f"{text_encoder.vocab_size}: they do not belong together")
+    return FrozenTextConditioning(text_encoder, tuple(int(t) for t in null_tokens(tokenizer, cond.max_length)),
+                                  cond.clip_output)
+
+
+def prepare_text_encoder(config: ConfigDict, workdir: str, dtype: Any = jnp.float32):
+    """A frozen CLIP text encoder ``(module, params)``, placed in the run directory if it is not there yet;
+    ``(None, None)`` unless ``conditioning.kind="text"`` with ``encoder="clip"``.
+
+    Order: the run directory's copy (``lidiff.runs.text_encoder_dir``: a resumed run, sampling); else
+    ``conditioning.text_encoder`` (a ``CLIPTextModel`` folder: config.json + model.safetensors), copied there.
+    ``params`` are float32 host arrays; ``dtype`` is the module's compute dtype.
+    """
+    cond = config.diffusion.conditioning
+    if cond.kind != "text" or text_encoder_kind(cond) != "clip":
+        return None, None
+    from lidiff.convert.clip import load_clip_text_encoder
+
+    kernel = cond.attention_kernel
+    target = runs.text_encoder_dir(workdir)
+    if os.path.isdir(target):
+        return load_clip_text_encoder(target, dtype=dtype, attention_kernel=kernel)
+    if not cond.text_encoder:
+        raise ConfigError(f"{workdir} has no CLIP text encoder ({target}) and config.diffusion.conditioning."
+                          "text_encoder is empty: set it to a Hugging Face CLIPTextModel folder (e.g. a Stable "
+                          "Diffusion repository's text_encoder/, holding config.json and model.safetensors)")
+    loaded = load_clip_text_encoder(cond.text_encoder, dtype=dtype, attention_kernel=kernel)  # refuse a bad folder
+    shutil.copytree(cond.text_encoder, target + ".tmp", dirs_exist_ok=True)
+    os.replace(target + ".tmp", target)
+    logging.info("text conditioning: frozen CLIP text encoder %s (%d layers, width %d) copied to %s",
+                 cond.text_encoder, loaded[0].num_layers, loaded[0].hidden_size, target)
+    return loaded
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
@@ -187,22 +264,30 @@ def prepare_tokenizer(config: ConfigDict, workdir: str, captions=None):
     cond = config.diffusion.conditioning
     if cond.kind != "text":
         return None
-    from lidiff.data.text import build_wordpiece_tokenizer, load_tokenizer
+    from lidiff.data.text import build_wordpiece_tokenizer, load_clip_tokenizer
+    from lidiff.data.text import load_tokenizer as load_bert_tokenizer
 
+    load_tokenizer = load_clip_tokenizer if text_encoder_kind(cond) == "clip" else load_bert_tokenizer
     target = runs.tokenizer_dir(workdir)
     if os.path.isdir(target):
         return load_tokenizer(target)
+    clip = text_encoder_kind(cond) == "clip"
     if cond.tokenizer:
         if not os.path.isdir(cond.tokenizer):
-            raise MissingInputError(f"config.diffusion.conditioning.tokenizer={cond.tokenizer!r} is not a directory; "
-                                    "point it at a saved BERT tokenizer (vocab.txt or tokenizer.json), or set "
-                                    "conditioning.build_vocab=True to train one on the captions")
+            raise MissingInputError(
+                f"config.diffusion.conditioning.tokenizer={cond.tokenizer!r} is not a directory; point it at " + (
+                    "the CLIP text encoder's tokenizer folder (vocab.json + merges.txt, or tokenizer.json)" if clip
+                    else "a saved BERT tokenizer (vocab.txt or tokenizer.json), or set conditioning.build_vocab="
+                         "True to train one on the captions"))
         tokenizer = load_tokenizer(cond.tokenizer)  # refuse a bad directory before copying it
         shutil.copytree(cond.tokenizer, target + ".tmp", dirs_exist_ok=True)
         os.replace(target + ".tmp", target)
         logging.info("text conditioning: tokenizer %s (vocabulary %d) copied to %s", cond.tokenizer,
                      len(tokenizer), target)
         return load_tokenizer(target)
+    if clip:
+        raise ConfigError("a CLIP text encoder needs its tokenizer: set config.diffusion.conditioning.tokenizer to "
+                          "its folder (a Stable Diffusion repository's tokenizer/)")
     if not cond.build_vocab:
         raise ConfigError("a text-conditioned model needs a tokenizer: set config.diffusion.conditioning.tokenizer "
                           "to a BERT tokenizer directory, or conditioning.build_vocab=True to train a WordPiece "

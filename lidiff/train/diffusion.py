@@ -5,7 +5,9 @@ Per step (``train_step``, one jitted, sharded function): latents = a sample of t
 ``scale_factor``; each row's conditioning inputs replaced by the encoder's null input with probability
 ``p_uncond``; the denoising loss of ``lidiff.losses.diffusion`` on uniform timesteps; AdamW with the configured
 learning rate (optional linear warm-up and clipping); and the EMA update (CompVis warm-up) of the UNet and encoder
-params. ``scale_factor`` lives in the train state, so a resumed run never recomputes it.
+params. ``scale_factor`` lives in the train state, so a resumed run never recomputes it. A frozen pretrained text
+encoder (CLIP) is not in the state: its weights are a step argument like the first stage's, and with
+``latent_cache.text_embeddings`` its outputs are computed once into the latent cache.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lidiff.train.loop import LoopSettings, train_loop
 
 STAGE = "diffusion"
 ENCODING_KEYS = ("mean", "logvar")  # a cached posterior (lidiff.ldm.posterior_arrays)
+CACHED_TEXT_KEY = "text_embedding"  # a frozen text encoder's output, cached beside the latents
 
 
 @flax.struct.dataclass
@@ -100,34 +103,51 @@ def unscaled_latents(ldm: LatentDiffusion, batch: dict, first_stage_params: Any,
 
 
 def conditioning_inputs(ldm: LatentDiffusion, batch: dict, p_uncond: float, rng: jax.Array, *,
-                        derive: Callable | None = None, latent_hw: tuple[int, int] | None = None) -> dict:
+                        derive: Callable | None = None, latent_hw: tuple[int, int] | None = None,
+                        encoder_params: Any = None) -> dict:
     """The batch's raw conditioning inputs (or those ``derive(batch["image"], key)`` makes from its images), each
-    row replaced by the null input (sized for ``latent_hw`` latents) with probability ``p_uncond``."""
+    row replaced by the null input (sized for ``latent_hw`` latents) with probability ``p_uncond``.
+
+    A batch from a text-embedding cache carries a frozen encoder's output ``"text_embedding"`` [B, L, D] instead of
+    tokens; its dropped rows become the encoding of the empty prompt (by the frozen ``encoder_params``), exactly
+    what dropping the tokens gives."""
     if derive is not None:
         inputs = derive(batch["image"], jax.random.fold_in(rng, 1))
+    elif CACHED_TEXT_KEY in batch:
+        inputs = {CACHED_TEXT_KEY: batch[CACHED_TEXT_KEY]}
     else:
         inputs = {k: batch[k] for k in ldm.conditioner.input_specs}
     if not inputs or p_uncond <= 0:
         return inputs
     rows = next(iter(inputs.values())).shape[0]
-    return drop_to_null(ldm.conditioner, inputs, jax.random.uniform(rng, (rows,)) < p_uncond, latent_hw)
+    drop = jax.random.uniform(rng, (rows,)) < p_uncond
+    if CACHED_TEXT_KEY in inputs:
+        null = ldm.encode_condition({"cond": encoder_params}, ldm.null_inputs(1))["context"]
+        return {CACHED_TEXT_KEY: jnp.where(drop[:, None, None], null, inputs[CACHED_TEXT_KEY])}
+    return drop_to_null(ldm.conditioner, inputs, drop, latent_hw)
 
 
-def train_step(state: DiffusionState, batch: dict, first_stage_params: Any, *, ldm: LatentDiffusion,
-               tx: optax.GradientTransformation, settings: StepSettings) -> tuple[DiffusionState, dict]:
+def train_step(state: DiffusionState, batch: dict, first_stage_params: Any, encoder_params: Any = None, *,
+               ldm: LatentDiffusion, tx: optax.GradientTransformation,
+               settings: StepSettings) -> tuple[DiffusionState, dict]:
     """One AdamW + EMA update.
 
     batch: ``{"image": [B, R, R, 3]}`` or a cached posterior ``{"mean", "logvar"?: [B, h, w, c]}``, plus the
-    encoder's raw inputs (``label`` [B] / ``tokens`` [B, L] / ``boxes`` [B, K, 4] and ``box_labels`` [B, K]).
+    encoder's raw inputs (``label`` [B] / ``tokens`` [B, L] or a cached ``text_embedding`` [B, L, D] / ``boxes``
+    [B, K, 4] and ``box_labels`` [B, K]). encoder_params: a frozen text encoder's weights (None otherwise); its
+    context is computed outside the differentiated function, so no gradient or optimizer state touches it.
     """
     rng = jax.random.fold_in(jax.random.PRNGKey(settings.seed), state.step)
     k_latent, k_loss, k_drop, k_uncond = jax.random.split(rng, 4)
     z = unscaled_latents(ldm, batch, first_stage_params, k_latent) * state.scale_factor
     inputs = conditioning_inputs(ldm, batch, settings.p_uncond, k_uncond, derive=settings.derive_inputs,
-                                 latent_hw=z.shape[1:3])
+                                 latent_hw=z.shape[1:3], encoder_params=encoder_params)
+    encode = functools.partial(ldm.encode_condition, inputs=inputs, latent_hw=z.shape[1:3],
+                               first_stage_params=first_stage_params)
+    frozen_cond = encode(ldm.with_frozen_encoder(state.params, encoder_params)) if ldm.frozen_encoder else None
 
     def loss_fn(params):
-        cond = ldm.encode_condition(params, inputs, latent_hw=z.shape[1:3], first_stage_params=first_stage_params)
+        cond = frozen_cond if ldm.frozen_encoder else encode(params)
         model_fn = lambda x_t, t: ldm.apply_model(  # noqa: E731
             params, x_t, t, cond, deterministic=not settings.dropout, dropout_rng=k_drop)
         return diffusion_loss(model_fn, ldm.schedule, z, k_loss, parameterization=settings.parameterization,
@@ -149,15 +169,19 @@ class DiffusionTrainer:
 
     ``train_step`` is the module-level ``train_step`` with these bound; ``init_state`` makes a fresh state.
     tokenizer: the text model's tokenizer (``lidiff.train.conditioning.prepare_tokenizer``), else None.
+    text_encoder: a frozen CLIP text encoder ``(module, params)`` (``conditioning_setup.prepare_text_encoder``),
+    else None; its weights are ``encoder_params``, which ``train_step`` and ``sampling_params`` add.
     """
 
-    def __init__(self, stage: ConfigDict, first_stage: FirstStage, seed: int, tokenizer: Any = None):
+    def __init__(self, stage: ConfigDict, first_stage: FirstStage, seed: int, tokenizer: Any = None,
+                 text_encoder: tuple[Any, Any] | None = None):
         self.cfg = stage
         dtype = compute_dtype(stage.train.dtype)
         self.first_stage = first_stage
         self.tokenizer = tokenizer
+        module, self.encoder_params = text_encoder if text_encoder is not None else (None, None)
         conditioning_setup.check_conditioning(stage.conditioning, stage.model)
-        conditioner = conditioning_setup.build_conditioner(stage.conditioning, dtype, tokenizer, first_stage)
+        conditioner = conditioning_setup.build_conditioner(stage.conditioning, dtype, tokenizer, first_stage, module)
         conditioning_setup.check_unet_channels(stage.model, first_stage.latent_channels, conditioner)
         self.ldm = LatentDiffusion(
             unet=builders.build_unet(stage.model, conditioning_setup.unet_num_classes(stage.conditioning), dtype),
@@ -174,6 +198,16 @@ class DiffusionTrainer:
     @property
     def conditional(self) -> bool:
         return self.ldm.conditional
+
+    def sampling_params(self, params: Any, encoder_params: Any = None) -> dict:
+        """Trained (EMA) params -> what ``ldm.generate`` takes: a frozen text encoder's weights added
+        (``encoder_params``, default this trainer's host copy)."""
+        return self.ldm.with_frozen_encoder(params, self.encoder_params if encoder_params is None else encoder_params)
+
+    def step_extras(self, first_stage_params: Any, encoder_params: Any = None) -> tuple:
+        """The arguments ``train_step`` takes after the batch: the first stage's params, and a frozen text
+        encoder's when there is one."""
+        return (first_stage_params, encoder_params) if self.ldm.frozen_encoder else (first_stage_params,)
 
     @property
     def batch_inputs(self) -> tuple[str, ...]:
@@ -220,9 +254,9 @@ def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any
         raise ConfigError("config.diffusion.latent_cache.enabled does not support config.data.random_flip=True: "
                           "turn one of them off")
     if jax.process_count() > 1:  # built once, by process 0 on its own devices; the others wait, then all read it
-        if jax.process_index() == 0 and not os.path.exists(path):
+        if jax.process_index() == 0:
             local = parallel.make_mesh(jax.local_devices())
-            _build_cache(config, trainer, parallel.put_replicated(fs_params, local), path, local, fields)
+            _fill_cache(config, trainer, parallel.put_replicated(fs_params, local), path, local, fields)
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("lidiff latent cache written")
@@ -232,10 +266,24 @@ def _prepare_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any
                                     "build the cache once and set config.diffusion.latent_cache.path to a copy on "
                                     "each host")
         return path
-    if os.path.exists(path):
-        return path
-    _build_cache(config, trainer, fs_params, path, mesh, fields)
+    _fill_cache(config, trainer, fs_params, path, mesh, fields)
     return path
+
+
+def _fill_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, path: str, mesh, fields: list):
+    """Builds the cache at ``path`` if it is missing, then adds a frozen text encoder's output for every caption
+    when ``latent_cache.text_embeddings`` asks and the cache lacks it (on the devices of ``mesh``)."""
+    if not os.path.exists(path):
+        _build_cache(config, trainer, fs_params, path, mesh, fields)
+    if not config.diffusion.latent_cache.get("text_embeddings", False):
+        return
+    from lidiff.data.latents import add_text_embeddings
+
+    params = parallel.put_replicated(trainer.encoder_params, mesh)
+    embed = jax.jit(lambda p, tokens: trainer.ldm.encode_condition({"cond": p}, {"tokens": tokens})["context"])
+    split = parallel.batch_sharded(mesh)
+    add_text_embeddings(path, lambda tokens: jax.device_get(embed(params, jax.device_put(tokens, split))),
+                        batch_size=config.diffusion.train.batch_size, key=CACHED_TEXT_KEY)
 
 
 def _build_cache(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, path: str, mesh, fields: list):
@@ -290,6 +338,28 @@ def load_inputs(config: ConfigDict, workdir: str) -> tuple[FirstStage, Any]:
         ) from None
 
 
+def batch_condition_keys(config: ConfigDict, trainer: DiffusionTrainer) -> tuple[str, ...]:
+    """The conditioning arrays the training batches carry: the encoder's raw inputs, or a frozen text encoder's
+    cached output (``latent_cache.text_embeddings``)."""
+    if config.diffusion.latent_cache.enabled and config.diffusion.latent_cache.get("text_embeddings", False):
+        return (CACHED_TEXT_KEY,)
+    return trainer.batch_inputs
+
+
+def check_text_embedding_cache(config: ConfigDict) -> None:
+    """``latent_cache.text_embeddings`` needs the latent cache and a frozen text encoder."""
+    stage = config.diffusion
+    if not stage.latent_cache.get("text_embeddings", False):
+        return
+    if not stage.latent_cache.enabled:
+        raise ConfigError("config.diffusion.latent_cache.text_embeddings keeps the text encoder's output beside the "
+                          "cached latents: set config.diffusion.latent_cache.enabled=True too")
+    if stage.conditioning.kind != "text" or conditioning_setup.text_encoder_kind(stage.conditioning) != "clip":
+        raise ConfigError("config.diffusion.latent_cache.text_embeddings caches a frozen text encoder's output, but "
+                          "this model trains its encoder (conditioning.kind / encoder is not text / clip): set "
+                          "text_embeddings=False")
+
+
 def checkpoint_meta(config: ConfigDict, scale_factor: float) -> dict:
     return {"stage": STAGE, "scale_factor": float(scale_factor), "config": config.to_json()}
 
@@ -303,7 +373,7 @@ def _open_loader(config: ConfigDict, trainer: DiffusionTrainer, fs_params: Any, 
         path = _prepare_cache(config, trainer, fs_params, workdir, mesh, fields)
         return CachedLatentLoader(path, global_batch_size=stage.train.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                  required=trainer.batch_inputs)
+                                  required=batch_condition_keys(config, trainer))
     loader = make_loader(config.data, stage.train.batch_size, config.seed, fields=fields)
     missing = [k for k in trainer.batch_inputs if k not in loader.field_names]
     if missing:
@@ -323,11 +393,16 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
         raise ConfigError(f"conditioning.kind={stage.conditioning.kind!r} makes its inputs from the training images "
                           "in every step, which the latent cache does not keep: set "
                           "config.diffusion.latent_cache.enabled=False")
+    check_text_embedding_cache(config)
     first_stage, fs_params = load_inputs(config, workdir)
     fs_params = parallel.put_replicated(fs_params, mesh)
     tokenizer = conditioning_setup.prepare_tokenizer(config, workdir, captions=functools.partial(
         _training_captions, config))
-    trainer = DiffusionTrainer(stage, first_stage, config.seed, tokenizer)
+    text_encoder = conditioning_setup.prepare_text_encoder(config, workdir, compute_dtype(stage.train.dtype))
+    trainer = DiffusionTrainer(stage, first_stage, config.seed, tokenizer,
+                               text_encoder if text_encoder[0] is not None else None)
+    encoder_params = parallel.put_replicated(trainer.encoder_params, mesh) if trainer.ldm.frozen_encoder else None
+    extras = trainer.step_extras(fs_params, encoder_params)
     fields = data_fields(config, tokenizer)
     loader = _open_loader(config, trainer, fs_params, workdir, mesh, fields)
     directory = os.path.join(workdir, STAGE)
@@ -337,7 +412,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
                                                   mesh, key, scale)
     first_batch = loader.batch_at(0)
     encoding_keys = tuple(k for k in ("image",) + ENCODING_KEYS if k in first_batch)
-    keys = encoding_keys + trainer.batch_inputs
+    keys = encoding_keys + batch_condition_keys(config, trainer)
     start = 0
     if checkpointer.latest_step() is not None:
         state = init(jax.random.PRNGKey(config.seed), jnp.float32(1.0), latent_shape)
@@ -348,7 +423,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
             loader.close()
             checkpointer.close()
             if stage.sample.final_samples_per_class > 0 and not os.path.exists(os.path.join(workdir, "samples.npz")):
-                write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh)
+                write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh, encoder_params)
             return state
         logging.info("diffusion: resuming from step %d with the saved scale_factor %.6g", start,
                      float(state.scale_factor))
@@ -365,17 +440,19 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     logging.info("diffusion: %.2fM params, latents %s x scale_factor %.6g, %d devices, global batch %d",
                  n_params / 1e6, latent_shape, float(state.scale_factor), mesh.devices.size, stage.train.batch_size)
     eval_inputs = lambda num: conditioning_setup.sample_inputs(config, num, tokenizer, seed=config.seed)[0]  # noqa: E731
+    # the evaluator's files are checked here, before compiling
     evaluate = make_fid_evaluator(stage.eval, generate_for_eval(trainer.ldm, fs_params, latent_shape, stage.eval,
-                                                                eval_inputs, mesh))  # its files checked before compiling
+                                                                eval_inputs, mesh, encoder_params))
     example = {k: np.zeros((stage.train.batch_size,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
-    step_fn, _ = compile_step(trainer.train_step, mesh, state, example, fs_params, name=STAGE)
+    step_fn, _ = compile_step(trainer.train_step, mesh, state, example, *extras, name=STAGE)
 
     s = stage.sample
     grid_inputs, _ = conditioning_setup.sample_inputs(config, s.num_images, tokenizer, seed=config.seed)
     grid_shape = sample_latent_shape(trainer.ldm, grid_inputs, latent_shape)
 
     def images(state: DiffusionState, batch: dict) -> dict[str, np.ndarray]:
-        x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed),
+        x = trainer.ldm.generate(trainer.sampling_params(state.ema_params, encoder_params), fs_params,
+                                 state.scale_factor, jax.random.PRNGKey(config.seed),
                                  num=s.num_images, latent_shape=grid_shape, inputs=grid_inputs,
                                  sampler=s.sampler, steps=s.steps, eta=s.eta, guidance_scale=s.guidance_scale,
                                  mesh=mesh)
@@ -386,13 +463,13 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
                             log_every=stage.train.log_every, checkpoint_every=stage.train.checkpoint_every,
                             image_every=stage.train.sample_every, eval_every=stage.eval.every, batch_keys=keys)
     try:
-        state = train_loop(settings, state, start, step_fn, (fs_params,), loader, mesh, checkpointer,
+        state = train_loop(settings, state, start, step_fn, extras, loader, mesh, checkpointer,
                            checkpoint_meta(config, float(state.scale_factor)), writer, images, evaluate)
     finally:
         writer.close()
         checkpointer.close()
     if s.final_samples_per_class > 0:
-        write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh)
+        write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh, encoder_params)
     return state
 
 
@@ -409,18 +486,20 @@ def _training_captions(config: ConfigDict) -> list[str]:
 
 
 def write_final_samples(config: ConfigDict, trainer: DiffusionTrainer, state: DiffusionState, fs_params: Any,
-                        latent_shape: tuple[int, int, int], workdir: str, mesh=None) -> str:
+                        latent_shape: tuple[int, int, int], workdir: str, mesh=None, encoder_params: Any = None) -> str:
     """Samples ``final_samples_per_class`` images per class / prompt / layout (or that many unconditional ones)
     with the EMA params into ``<workdir>/samples.npz`` (with the conditioning) and ``<workdir>/samples_grid.png``
     (one row per class / prompt / layout). The batch is split over ``mesh`` (default: this process's devices);
-    with the training mesh of a multi-process run every process samples its part and process 0 writes."""
+    with the training mesh of a multi-process run every process samples its part and process 0 writes.
+    encoder_params: a frozen text encoder's weights already on ``mesh`` (default: the trainer's host copy)."""
     s = config.diffusion.sample
     groups = conditioning_setup.num_groups(config)
     inputs, record = conditioning_setup.sample_inputs(config, groups, trainer.tokenizer, seed=config.seed + 1)
     repeat = lambda tree: {k: np.repeat(v, s.final_samples_per_class, axis=0) for k, v in tree.items()}  # noqa: E731
     inputs, record = repeat(inputs), repeat(record)
     num = groups * s.final_samples_per_class
-    x = trainer.ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(config.seed + 1),
+    x = trainer.ldm.generate(trainer.sampling_params(state.ema_params, encoder_params), fs_params, state.scale_factor,
+                             jax.random.PRNGKey(config.seed + 1),
                              num=num, latent_shape=sample_latent_shape(trainer.ldm, inputs, latent_shape),
                              inputs=inputs, sampler=s.sampler, steps=s.steps, eta=s.eta,
                              guidance_scale=s.guidance_scale, mesh=mesh)

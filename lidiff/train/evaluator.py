@@ -74,14 +74,15 @@ def make_fid_evaluator(eval_cfg: ConfigDict, generate: Callable[[Any, int, int],
 
 
 def generate_for_eval(ldm: Any, fs_params: Any, latent_shape: tuple[int, int, int], eval_cfg: ConfigDict,
-                      inputs: Callable[[int], dict], mesh: Any = None) -> Callable[[Any, int, int], np.ndarray]:
+                      inputs: Callable[[int], dict], mesh: Any = None,
+                      encoder_params: Any = None) -> Callable[[Any, int, int], np.ndarray]:
     """``(state, num, seed) -> uint8 images``: EMA samples with the eval section's sampler, conditioned on
     ``inputs(num)`` (classes round-robin, the configured prompts or layouts), split over ``mesh`` (default: this
-    process's devices)."""
+    process's devices). encoder_params: a frozen text encoder's weights (``ldm.with_frozen_encoder``)."""
     from lidiff.data.transforms import to_uint8
 
     def generate(state: Any, num: int, seed: int) -> np.ndarray:
-        x = ldm.generate(state.ema_params, fs_params, state.scale_factor, jax.random.PRNGKey(seed),
+        x = ldm.generate(ldm.with_frozen_encoder(state.ema_params, encoder_params), fs_params, state.scale_factor, jax.random.PRNGKey(seed),
                          num=num, latent_shape=latent_shape, inputs=inputs(num), sampler=eval_cfg.sampler,
                          steps=None if eval_cfg.sampler == "ddpm" else eval_cfg.steps, eta=eval_cfg.eta,
                          guidance_scale=eval_cfg.guidance_scale, batch_size=min(num, eval_cfg.batch_size),
