@@ -121,9 +121,23 @@ def _nonfinite_counts(items: dict[str, Any]) -> dict[str, jax.Array]:
     return {name: count(tree) for name, tree in items.items()}
 
 
+def _host_nonfinite_count(tree: Any) -> int:
+    """NaN/inf values in the floating-point leaves of a tree of host (numpy) arrays."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return int(sum(np.count_nonzero(~np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating)))
+
+
 def nonfinite_values(state: Any) -> dict[str, int]:
-    """{item: count} of the items of ``state`` that hold NaN/inf values (empty when all are finite)."""
-    counts = jax.device_get(_nonfinite_counts(state_items(state)))
+    """{item: count} of the items of ``state`` that hold NaN/inf values (empty when all are finite).
+
+    Items held in jax arrays are counted on their devices by one compiled program; items of host arrays (an
+    imported checkpoint, a restored state on the host) are counted with numpy, compiling nothing."""
+    items = state_items(state)
+    on_device = {name: tree for name, tree in items.items()
+                 if any(isinstance(x, jax.Array) for x in jax.tree.leaves(tree))}
+    counts = {name: _host_nonfinite_count(tree) for name, tree in items.items() if name not in on_device}
+    if on_device:
+        counts.update(jax.device_get(_nonfinite_counts(on_device)))
     return {name: int(n) for name, n in counts.items() if int(n)}
 
 

@@ -135,6 +135,19 @@ def test_non_finite_state_is_never_saved(three_steps):
     assert sorted(os.listdir(three_steps)) == ["20", "40", "60"]  # keep-3 rotated nothing out
 
 
+def test_non_finite_host_state_is_never_saved(three_steps):
+    """The same refusal for a state of numpy arrays (an imported checkpoint), counted on the host."""
+    ckpt = Checkpointer(three_steps, keep=3)
+    bad = jax.device_get(tiny_state(80))
+    bias = np.array(bad.params["dense"]["bias"])
+    bias[[1, 3]] = np.nan
+    bad = bad.replace(params={"dense": {**bad.params["dense"], "bias": bias}})
+    with pytest.raises(TrainingDiverged, match=r"step 80: .*\(params: 2\)"):
+        ckpt.save(80, bad, {"stage": "test"})
+    ckpt.close()
+    assert sorted(os.listdir(three_steps)) == ["20", "40", "60"]
+
+
 def test_disk_full_during_save_is_one_message_and_cleans_up(three_steps, monkeypatch):
     ckpt = Checkpointer(three_steps, keep=3)
 
