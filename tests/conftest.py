@@ -12,7 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The files that train or launch processes, longest first. Run first, they let `-n 2 --dist=loadfile` fill the
 # tail of the run with the many short files instead of ending on one long file.
 SLOW_FIRST = ("test_digit_demos.py", "test_multiprocess.py", "test_gpu_suite.py", "test_spatial_modes.py",
-              "test_conditioning_modes.py", "test_autoencoder_trainer.py", "test_diffusion_trainer.py")
+              "test_conditioning_modes.py", "test_autoencoder_trainer.py", "test_diffusion_trainer.py",
+              "test_finetune_import.py", "test_export.py", "test_sd_pipeline.py", "test_clip_conditioning.py")
 
 
 def pytest_collection_modifyitems(config, items):
