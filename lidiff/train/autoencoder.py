@@ -36,7 +36,7 @@ from lidiff.metrics.writers import MetricWriter, image_grid
 from lidiff.models.autoencoder import conv_out_apply
 from lidiff.train import builders
 from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
-                                 init_sharded)
+                                 init_sharded, abstract_sharded)
 from lidiff.train.loop import LoopSettings, train_loop
 
 STAGE = "autoencoder"
@@ -358,10 +358,11 @@ def train_autoencoder(config: ConfigDict, workdir: str) -> AutoencoderState:
     loader = make_loader(config.data, stage.train.batch_size, config.seed)
     directory = stage_dir(workdir)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"), keep=stage.train.keep_checkpoints)
-    state = init_sharded(trainer.init_state, mesh, jax.random.PRNGKey(config.seed))
     start = 0
-    if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(state)
+    if checkpointer.latest_step() is None:
+        state = init_sharded(trainer.init_state, mesh, jax.random.PRNGKey(config.seed))
+    else:
+        state, _ = checkpointer.restore(abstract_sharded(trainer.init_state, mesh, jax.random.PRNGKey(config.seed)))
         start = int(state.step)
         if start >= stage.train.num_steps:  # done: nothing to compile
             logging.info("autoencoder: already trained to step %d of %d", start, stage.train.num_steps)

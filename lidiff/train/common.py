@@ -235,6 +235,15 @@ def run_once(fn: Callable, out_sharding: Any, *args: Any) -> Any:
     return lowered.compile({"xla_backend_optimization_level": 0})(*args)
 
 
+def abstract_sharded(fn: Callable, mesh: Mesh, *args: Any) -> Any:
+    """The train state ``fn(*args)`` would make, as ``jax.ShapeDtypeStruct`` leaves carrying the shardings of
+    ``parallel.state_shardings``: a restore target that computes and allocates nothing (resuming never builds a
+    random state just to overwrite it)."""
+    shapes = jax.eval_shape(fn, *args)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        parallel.state_shardings(shapes, mesh))
+
+
 def init_sharded(fn: Callable, mesh: Mesh, *args: Any) -> Any:
     """A train state ``fn(*args)`` created already sharded by ``parallel.state_shardings``: the shapes come from
     ``jax.eval_shape``, so no device ever holds more than its shard (a model too large for one device can be

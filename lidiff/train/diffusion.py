@@ -36,8 +36,8 @@ from lidiff.metrics.writers import MetricWriter, image_grid, save_samples
 from lidiff.models.conditioning import drop_to_null
 from lidiff.train import builders
 from lidiff.train import conditioning as conditioning_setup
-from lidiff.train.common import (compile_step, compute_dtype, ema_decay_at, ema_update, global_norm, make_loader,
-                                 init_sharded)
+from lidiff.train.common import (abstract_sharded, compile_step, compute_dtype, ema_decay_at, ema_update,
+                                 global_norm, init_sharded, make_loader)
 from lidiff.train.evaluator import generate_for_eval, make_fid_evaluator
 from lidiff.train.loop import LoopSettings, train_loop
 
@@ -415,8 +415,9 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     keys = encoding_keys + batch_condition_keys(config, trainer)
     start = 0
     if checkpointer.latest_step() is not None:
-        state = init(jax.random.PRNGKey(config.seed), jnp.float32(1.0), latent_shape)
-        state, _ = checkpointer.restore(state)
+        target = abstract_sharded(functools.partial(trainer.init_state, latent_shape=latent_shape), mesh,
+                                  jax.random.PRNGKey(config.seed), jnp.float32(1.0))
+        state, _ = checkpointer.restore(target)
         start = int(state.step)
         if start >= stage.train.num_steps:  # done: nothing to compile
             logging.info("diffusion: already trained to step %d of %d", start, stage.train.num_steps)
