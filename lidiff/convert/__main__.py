@@ -1,10 +1,16 @@
 """``python -m lidiff.convert --src PATH [--format compvis|diffusers] [--config configs/x.py[:arg]] [--no_ema]
 [--resolution 256] [--config.<field>=<value> ...] --out DIR``
 
-Imports a released Latent Diffusion / Stable-Diffusion-layout checkpoint (a CompVis ``.ckpt`` / ``.safetensors``
-single file, or a diffusers folder) into a lidiff run directory that ``sample.py --workdir DIR`` samples from and
-``train.py`` fine-tunes. The logic is in ``lidiff.convert.run_import``. User mistakes and checkpoints that do not
-match print one message on stderr and exit with status 1.
+Imports a released Latent Diffusion / Stable Diffusion checkpoint (a CompVis ``.ckpt`` / ``.safetensors`` single
+file, or a diffusers folder such as a ``StableDiffusionPipeline``'s) into a lidiff run directory that
+``sample.py --workdir DIR`` samples from and ``train.py`` fine-tunes. The logic is in ``lidiff.convert.run_import``.
+User mistakes and checkpoints that do not match print one message on stderr and exit with status 1.
+
+Stable Diffusion::
+
+    python -m lidiff.convert --src stable-diffusion-v1-5/ --resolution 512 --out runs/sd15      # diffusers folder
+    python -m lidiff.convert --src v1-5-pruned-emaonly.safetensors --resolution 512 --out runs/sd15 \
+        --config.diffusion.model.num_heads=8 --config.diffusion.conditioning.tokenizer=<CLIP tokenizer folder>
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Import a released LDM checkpoint into a lidiff run directory.",
                                 epilog="Any --config.<field>=<value> (e.g. --config.diffusion.model.num_head_channels"
                                        "=32) overrides a field of the written config, as in train.py.")
-    p.add_argument("--src", required=True, help="CompVis .ckpt/.safetensors file, or diffusers pipeline folder")
+    p.add_argument("--src", required=True, help="CompVis .ckpt/.safetensors file, or diffusers pipeline folder "
+                                                "(LDM, or Stable Diffusion 1.x / 2.x with its CLIP text encoder)")
     p.add_argument("--format", choices=("compvis", "diffusers"), default=None,
                    help="default: diffusers for a folder, compvis for a file")
     p.add_argument("--config", default=None,

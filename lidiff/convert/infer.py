@@ -195,6 +195,29 @@ def infer_text_transformer(shapes: Shapes) -> dict[str, Any]:
                 n_layer=len(_indices(shapes, r"^transformer\.attn_layers\.layers\.(\d+)\.")) // 2)
 
 
+# Width of one attention head in every CLIP text encoder Stable Diffusion uses (ViT-L/14: 768 = 12 x 64, OpenCLIP
+# ViT-H/14: 1024 = 16 x 64); the tensor shapes do not say the head count.
+CLIP_HEAD_WIDTH = 64
+
+
+def infer_clip_text(shapes: Shapes) -> dict[str, Any]:
+    """A transformers ``CLIPTextModel``'s shapes (keys without ``text_model.``) -> its ``config.json`` fields
+    vocab_size, hidden_size, intermediate_size, num_hidden_layers, max_position_embeddings (heads and activation
+    are not determined)::
+
+        embeddings.token_embedding.weight [vocab, D], embeddings.position_embedding.weight [positions, D],
+        encoder.layers.{i}.*, encoder.layers.0.mlp.fc1.weight [intermediate, D]
+    """
+    vocab, hidden = _need(shapes, "embeddings.token_embedding.weight", "CLIP token table")
+    layers = _indices(shapes, r"^encoder\.layers\.(\d+)\.")
+    if not layers:
+        raise ConversionError("cannot infer the CLIP text encoder: no encoder.layers.* tensors")
+    return dict(vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=_need(shapes, "encoder.layers.0.mlp.fc1.weight", "CLIP MLP width")[0],
+                num_hidden_layers=len(layers),
+                max_position_embeddings=_need(shapes, "embeddings.position_embedding.weight", "CLIP positions")[0])
+
+
 # -------------------------------------------------------------------------------------------------- schedule
 
 
@@ -325,3 +348,21 @@ def process_from_diffusers_scheduler(config: Mapping[str, Any]) -> dict[str, Any
     return dict(schedule=_DIFFUSERS_SCHEDULES[name], num_timesteps=int(config.get("num_train_timesteps", 1000)),
                 linear_start=float(config.get("beta_start", 1e-4)), linear_end=float(config.get("beta_end", 2e-2)),
                 parameterization=_PREDICTION[prediction])
+
+
+def sampling_differences(config: Mapping[str, Any]) -> list[str]:
+    """Where a diffusers ``scheduler_config.json`` steps differently from lidiff's DDIM / PLMS (CompVis's timesteps
+    ``arange(0, T, T // S) + 1`` ending at ᾱ_0, x0 never clipped = diffusers' ``timestep_spacing="leading"``,
+    ``steps_offset=1``, ``set_alpha_to_one=False``, ``clip_sample=False``) -> one phrase per difference; [] when
+    they agree. Fields the config does not hold are taken at diffusers' defaults (``steps_offset`` 0)."""
+    out = []
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing != "leading":
+        out.append(f"timestep_spacing {spacing!r} (lidiff: 'leading')")
+    if int(config.get("steps_offset", 0)) != 1:
+        out.append(f"steps_offset {config.get('steps_offset', 0)} (lidiff: 1)")
+    if config.get("set_alpha_to_one", False):
+        out.append("set_alpha_to_one True (lidiff's last step goes to alphas_cumprod[0])")
+    if config.get("clip_sample", False):
+        out.append("clip_sample True (lidiff never clips x0)")
+    return out

@@ -1,27 +1,20 @@
 """Import a released LDM checkpoint into a lidiff run directory (``python -m lidiff.convert``).
 
-Sources:
+Sources (read by ``lidiff.convert.read_source``, whose docstring lists the key prefixes):
 
-- a CompVis / Stable Diffusion single file: ``.safetensors`` (read with the safetensors package) or ``.ckpt`` /
-  ``.pt`` / ``.pth`` (``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused). The
-  state dict may sit under ``"state_dict"``. Its keys are split by prefix::
-
-      model.diffusion_model.*        the UNet (raw weights)                    -> params["unet"]
-      model_ema.diffusion_model*     the UNet's EMA (dots removed from names)  -> ema_params["unet"]
-      model_ema.decay / num_updates  EMA bookkeeping                           ignored
-      first_stage_model.*            the autoencoder (``loss.*`` ignored)      -> autoencoder checkpoint
-      cond_stage_model.*             class embedder / BERT-style transformer   -> params["cond"] (= ema_params)
-      betas, alphas_cumprod, ...     schedule buffers                          -> diffusion.process (checked)
-      scale_factor                   latent scale                              -> scalars/scale_factor
-
-- a diffusers folder: ``model_index.json``, ``unet/``, ``vae/`` or ``vqvae/``, ``scheduler/scheduler_config.json``.
+- a CompVis / Stable Diffusion single file (``.safetensors``, or a ``.ckpt`` that ``torch.load(weights_only=True)``
+  reads): UNet, its EMA, first stage, cond stage (class embedder, BERT-style transformer, or SD v1's CLIP text
+  encoder), schedule buffers and ``scale_factor``;
+- a diffusers folder: ``model_index.json``, ``unet/``, ``vae/`` or ``vqvae/``, ``scheduler/scheduler_config.json``,
+  and for a ``StableDiffusionPipeline`` its CLIP ``text_encoder/`` and ``tokenizer/``
+  (``lidiff.convert.import_clip``).
 
 Every tensor is converted or explicitly ignored; anything else stops the import with one ``SourceMismatch``
 naming every missing, unexpected and mis-shaped key. Without ``--config`` the architecture is read from the
-tensor shapes (``lidiff.convert.infer``); what they cannot tell (the attention head layout) must be given as a
-``--config.<field>=<value>`` override.
+tensor shapes (``lidiff.convert.infer``); what they cannot tell (the attention head layout, an SD v1 file's
+tokenizer) must be given as a ``--config.<field>=<value>`` override.
 
-What is written (the layout is ``lidiff.runs``'s):
+What is written (the layout is ``lidiff.runs``'s), once every tensor has converted:
 
 - ``<out>/autoencoder/checkpoints/0``: ``params = {"autoencoder": ..., "logvar": 0}`` and ``step``, meta as stage 1
   writes it (``runs.load_first_stage`` reads only these). No discriminator or optimizer state: stage 1 cannot be
@@ -30,6 +23,8 @@ What is written (the layout is ``lidiff.runs``'s):
   EMA weights (the raw ones when the source has no EMA or with ``--no_ema``), a freshly initialised AdamW state
   (``train.py`` restores every item of the state to fine-tune), ``step`` 0 and ``scale_factor``; meta with the
   whole config. ``sample.py`` and ``runs.load_latent_diffusion`` read ``ema_params``.
+- text models: ``<out>/diffusion/tokenizer/``; a frozen CLIP text encoder in ``<out>/diffusion/text_encoder/``
+  (a transformers ``CLIPTextModel`` folder; its weights are not in the train state, whose ``params["cond"]`` is {}).
 - ``<out>/config.py``: ``get_config()`` returns the saved config, for ``train.py --config`` (which needs a file).
 
 An inferred config sets ``diffusion.train.ema_warmup=False``: a fine-tune restarts at step 0, and CompVis's EMA
@@ -42,9 +37,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
-import json
 import os
-import pickle
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -53,58 +46,16 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lidiff import runs
-from lidiff.convert import infer
-from lidiff.convert.common import ConversionError, convert_state_dict, to_numpy_state_dict, torch_state_dict
-from lidiff.errors import ConfigError, MissingInputError, UserError
+from lidiff.convert import import_clip, infer
+from lidiff.convert.common import ConversionError, convert_state_dict
+from lidiff.convert.read_source import (COND_PREFIX, EMA_UNET_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, Source,
+                                       SourceMismatch, read_source)
+from lidiff.errors import ConfigError, MissingInputError
 
-UNET_PREFIX = "model.diffusion_model."
-EMA_PREFIX = "model_ema."
-EMA_UNET_PREFIX = "model_ema.diffusion_model"
-FIRST_STAGE_PREFIX = "first_stage_model."
-COND_PREFIX = "cond_stage_model."
-EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
-SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar")
-FORMATS = ("compvis", "diffusers")
 DEFAULT_RESOLUTION = 256
+SD_SCALE_FACTOR = 0.18215  # Stable Diffusion v1's latent scale (v1-inference.yaml); its files do not store it
 # Placeholders of the written config for fine-tuning with train.py (set them with --config.* overrides).
 FINETUNE_BATCH_SIZE, FINETUNE_LEARNING_RATE = 16, 1e-5
-
-
-class SourceMismatch(ConversionError, UserError):
-    """The source's tensors do not map one to one onto the lidiff model (a ``ConversionError`` and a
-    ``UserError``: the commands print its message without a traceback)."""
-
-
-class UnsafeCheckpointError(UserError, ValueError):
-    """A ``.ckpt`` that ``torch.load(weights_only=True)`` refuses: loading it would run arbitrary code."""
-
-
-@dataclasses.dataclass
-class Source:
-    """A checkpoint split into its parts; every array is numpy (float32 where floating).
-
-    unet: UNet tensors, CompVis keys without prefix (``compvis``) or diffusers keys (``diffusers``).
-    ema: ``{model_ema.diffusion_model<key without dots>: array}`` (empty: no EMA weights).
-    first_stage: autoencoder tensors, CompVis keys without prefix (diffusers keys renamed).
-    cond: ``cond_stage_model.*`` without prefix. buffers: ``betas``, ``scale_factor``, ...
-    ignored: ``(key or group, reason)`` of what is dropped on purpose. unet_config / scheduler_config /
-    vae_config: the diffusers JSON files (empty for CompVis files).
-    """
-
-    format: str
-    path: str
-    unet: dict[str, np.ndarray]
-    ema: dict[str, np.ndarray]
-    first_stage: dict[str, np.ndarray]
-    cond: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
-    ignored: list[tuple[str, str]]
-    unet_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -114,148 +65,6 @@ class ImportReport:
     config: ConfigDict
     lines: list[str]
     used_ema: bool
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-
-def detect_format(src: str, fmt: str | None) -> str:
-    """``--format`` or, when omitted, ``diffusers`` for a folder and ``compvis`` for a file."""
-    if not os.path.exists(src):
-        raise MissingInputError(f"--src={src}: no such file or folder")
-    if fmt is None:
-        return "diffusers" if os.path.isdir(src) else "compvis"
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format={fmt!r}: choose one of {FORMATS}")
-    if (fmt == "diffusers") != os.path.isdir(src):
-        raise ConfigError(f"--format={fmt} expects a {'folder' if fmt == 'diffusers' else 'single file'}; "
-                          f"{src} is a {'folder' if os.path.isdir(src) else 'file'}")
-    return fmt
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """A ``.safetensors`` file -> ``{key: numpy array}`` (bfloat16 / float16 widened to float32)."""
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            try:
-                value = f.get_tensor(key)
-            except TypeError:  # bfloat16 without ml_dtypes: read the file through torch
-                from safetensors.torch import load_file
-
-                return to_numpy_state_dict(load_file(path))
-            out[key] = value.astype(np.float32) if value.dtype.name in ("float16", "bfloat16") else value
-    return out
-
-
-def read_torch_file(path: str) -> dict[str, np.ndarray]:
-    """A pickled PyTorch file read with ``weights_only=True`` -> its state dict (numpy); refuses anything needing
-    arbitrary unpickling with ``UnsafeCheckpointError``."""
-    try:
-        state = torch_state_dict(path, "")
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
-                      str(e).splitlines()[0] if str(e) else "")
-        raise UnsafeCheckpointError(
-            f"{path} cannot be read safely: it holds pickled Python objects besides tensors ({detail}). Loading it "
-            "would run code from the file, which lidiff does not do. Convert it to .safetensors with a tool you "
-            "trust (or extract its 'state_dict' on a machine where running the pickle is acceptable) and pass that "
-            "file to --src."
-        ) from None
-    return to_numpy_state_dict(state)
-
-
-def read_weights(path: str) -> dict[str, np.ndarray]:
-    """A weights file by extension: ``.safetensors`` or a torch pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)."""
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    return read_torch_file(path)
-
-
-def split_compvis(state: Mapping[str, np.ndarray], path: str) -> Source:
-    """A whole LDM state dict -> its parts by prefix; keys under no known prefix raise ``SourceMismatch``."""
-    parts: dict[str, dict[str, np.ndarray]] = {"unet": {}, "ema": {}, "first_stage": {}, "cond": {}, "buffers": {}}
-    ignored, unknown, losses = [], [], []
-    for key, value in state.items():
-        if key.startswith(UNET_PREFIX):
-            parts["unet"][key[len(UNET_PREFIX):]] = value
-        elif key in EMA_BOOKKEEPING:
-            ignored.append((key, "EMA bookkeeping"))
-        elif key.startswith(EMA_UNET_PREFIX):
-            parts["ema"][key] = value
-        elif key.startswith(FIRST_STAGE_PREFIX + "loss."):
-            losses.append(key)
-        elif key.startswith(FIRST_STAGE_PREFIX):
-            parts["first_stage"][key[len(FIRST_STAGE_PREFIX):]] = value
-        elif key.startswith(COND_PREFIX):
-            parts["cond"][key[len(COND_PREFIX):]] = value
-        elif key in SCHEDULE_BUFFERS or key == "scale_factor":
-            parts["buffers"][key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise SourceMismatch(f"{path}: {len(unknown)} tensors belong to no part of an LDM checkpoint (UNet "
-                             f"{UNET_PREFIX}*, EMA {EMA_PREFIX}*, {FIRST_STAGE_PREFIX}*, {COND_PREFIX}*, schedule "
-                             f"buffers, scale_factor): unexpected {', '.join(sorted(unknown)[:50])}")
-    if losses:
-        ignored.append((f"{FIRST_STAGE_PREFIX}loss.* ({len(losses)} tensors)", "first-stage training loss"))
-    if not parts["unet"]:
-        raise SourceMismatch(f"{path}: no UNet tensors ({UNET_PREFIX}*); is this an LDM checkpoint? (first keys: "
-                             f"{', '.join(sorted(state)[:5])})")
-    return Source("compvis", path, parts["unet"], parts["ema"], parts["first_stage"], parts["cond"],
-                  parts["buffers"], ignored)
-
-
-def read_compvis(path: str) -> Source:
-    """A CompVis / SD single file -> ``Source``."""
-    return split_compvis(read_weights(path), path)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise MissingInputError(f"{path} is missing: a diffusers folder holds it")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _component_weights(folder: str) -> dict[str, np.ndarray]:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return read_weights(os.path.join(folder, name))
-    raise MissingInputError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors (or .bin); "
-                            "sharded weights are not read, re-save the model with save_pretrained")
-
-
-def read_diffusers(folder: str) -> Source:
-    """A diffusers pipeline folder -> ``Source`` (the autoencoder renamed to CompVis keys)."""
-    from lidiff.convert.diffusers_vae import diffusers_vae_to_compvis
-
-    index = _read_json(os.path.join(folder, "model_index.json"))
-    for text in ("text_encoder", "bert", "tokenizer"):
-        if text in index:
-            raise ConfigError(f"{folder} is a text-to-image pipeline ({index.get('_class_name')}, component "
-                              f"{text!r}): lidiff's text conditioning is the CompVis BERT-style transformer, so this "
-                              "pipeline's text encoder cannot be imported")
-    vae_dir = next((os.path.join(folder, n) for n in ("vae", "vqvae") if os.path.isdir(os.path.join(folder, n))),
-                   None)
-    if vae_dir is None:
-        raise MissingInputError(f"{folder} has no vae/ or vqvae/ folder: a latent diffusion pipeline needs its "
-                                "autoencoder")
-    unet_dir = os.path.join(folder, "unet")
-    return Source(
-        "diffusers", folder, unet=_component_weights(unet_dir), ema={},
-        first_stage=diffusers_vae_to_compvis(_component_weights(vae_dir)), cond={}, buffers={}, ignored=[],
-        unet_config=_read_json(os.path.join(unet_dir, "config.json")),
-        scheduler_config=_read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
-        vae_config=_read_json(os.path.join(vae_dir, "config.json")),
-    )
-
-
-def read_source(src: str, fmt: str | None) -> Source:
-    """``--src`` (and ``--format``) -> ``Source``."""
-    return read_diffusers(src) if detect_format(src, fmt) == "diffusers" else read_compvis(src)
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -317,12 +126,11 @@ def _unet_config_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _conditioning_fields(source: Source, unet: Mapping[str, Any]) -> dict[str, Any]:
-    """``diffusion.conditioning`` fields the source implies (text: heads are left unset, -1)."""
+    """``diffusion.conditioning`` fields the source implies (BERT-style text: heads are left unset, -1)."""
     cond = source.cond
-    if any(k.startswith("transformer.text_model.") or k.startswith("model.") for k in cond):
-        raise ConfigError(f"{source.path}: the cond stage is a CLIP / OpenCLIP text encoder (Stable Diffusion); "
-                          "lidiff's text conditioning is the CompVis BERT-style transformer, so it cannot be imported")
-    if "embedding.weight" in cond:
+    if source.has_clip:
+        fields = import_clip.conditioning_fields(source)
+    elif "embedding.weight" in cond:
         fields = infer.infer_class_embedder(infer.shapes_of(cond))
     elif "transformer.token_emb.weight" in cond:
         fields = infer.infer_text_transformer(infer.shapes_of(cond))
@@ -359,15 +167,27 @@ def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[s
     stage2 = base.diffusion_stage(base.unet_model(**_unet_config_fields(unet)), FINETUNE_BATCH_SIZE,
                                   FINETUNE_LEARNING_RATE)
     stage2.conditioning.update(cond)
+    if source.text_encoder and "scale_factor" not in source.buffers:
+        stage2.first_stage.scale_factor = SD_SCALE_FACTOR
     # The imported EMA is a long-run average: a fine-tune continues it at the full decay instead of restarting
     # CompVis's warm-up (which would overwrite it within a few steps, since the step restarts at 0).
     stage2.train.ema_warmup = False
     config = base.experiment(("diffusion",), base.data_config("folder", resolution=resolution), stage1, stage2)
     what = "unet/config.json and the vae tensor shapes" if source.format == "diffusers" else "the tensor shapes"
+    shown = ("embed_dim",) if source.has_clip else tuple(k for k in cond if k not in ("kind", "mode", "heads",
+                                                                                       "dim_head"))
     lines = [f"architecture inferred from {what}:", "  " + infer.describe_unet(unet),
              "  " + infer.describe_autoencoder(ae),
              f"  conditioning: {cond['kind']}" + (f" ({cond['mode']})" if cond["kind"] != "none" else "")
-             + "".join(f", {k} {v}" for k, v in cond.items() if k not in ("kind", "mode", "heads", "dim_head"))]
+             + (", frozen CLIP text encoder" if source.has_clip else "")
+             + "".join(f", {k} {cond[k]}" for k in shown)]
+    if source.text_encoder and "scale_factor" not in source.buffers:
+        lines.append(f"  scale_factor default {SD_SCALE_FACTOR}: Stable Diffusion v1's (its files do not store it)")
+    if source.format == "diffusers" and source.unet_config.get("sample_size"):
+        size = int(source.unet_config["sample_size"]) * 2 ** (len(ae["ch_mult"]) - 1)
+        if size != resolution:
+            lines.append(f"  resolution {resolution} (--resolution); the UNet's sample_size says {size}: pass "
+                         f"--resolution {size} to sample at the pipeline's default size")
     return config, lines
 
 
@@ -376,10 +196,11 @@ def _check_required(config: ConfigDict, source: Source) -> None:
     missing = []
     m = config.diffusion.model
     if m.num_heads == -1 and m.num_head_channels == -1:
+        sd = " (Stable Diffusion v1: num_heads=8)" if source.text_encoder else ""
         missing.append("the UNet's attention head layout, which tensor shapes do not determine: "
-                       + " or ".join(infer.HEAD_FLAGS))
+                       + " or ".join(infer.HEAD_FLAGS) + sd)
     c = config.diffusion.conditioning
-    if c.kind == "text":
+    if c.kind == "text" and not source.has_clip:
         if c.heads <= 0:
             missing.append("the text encoder's heads: --config.diffusion.conditioning.heads=<heads> (CompVis: 8)")
         if not c.tokenizer:
@@ -392,7 +213,7 @@ def _check_required(config: ConfigDict, source: Source) -> None:
     if missing:
         raise ConfigError(f"{source.path}: set what the checkpoint does not say, then run the command again:\n  "
                           + "\n  ".join(missing))
-    if c.kind == "text" and c.dim_head == -1:
+    if c.kind == "text" and not source.has_clip and c.dim_head == -1:
         inner = source.cond["transformer.attn_layers.layers.0.1.to_q.weight"].shape[0]
         if inner % c.heads:
             raise ConfigError(f"--config.diffusion.conditioning.heads={c.heads} does not divide the text encoder's "
@@ -417,15 +238,41 @@ def _compare(inferred: Mapping[str, Any], section: ConfigDict, name: str) -> lis
     return out
 
 
+def _head_differences(fields: Mapping[str, Any], model: ConfigDict) -> list[str]:
+    """The attention heads (count x width) at every attention width: those of the diffusers ``config.json``
+    fields vs those ``model`` (``diffusion.model``) builds; one line per width where they differ."""
+    from lidiff.models.unet import attention_heads
+
+    mult, ch = fields["channel_mult"], fields["model_channels"]
+    widths = sorted({ch * mult[ds.bit_length() - 1] for ds in fields["attention_resolutions"]} | {ch * mult[-1]})
+    out = []
+    for width in widths:
+        want = attention_heads(width, fields["num_heads"], fields["num_head_channels"], fields["legacy"],
+                               fields["use_spatial_transformer"])
+        try:
+            have = attention_heads(width, model.num_heads, model.num_head_channels, model.legacy,
+                                   model.use_spatial_transformer)
+        except ValueError as e:
+            have = str(e)
+        if have != want:
+            out.append(f"diffusion.model attention heads at width {width}: checkpoint {want[0]} x {want[1]}, config "
+                       f"{have if isinstance(have, str) else f'{have[0]} x {have[1]}'} (num_heads / "
+                       "num_head_channels / legacy)")
+    return out
+
+
 def check_config_against_source(config: ConfigDict, source: Source) -> None:
-    """With ``--config``: the architecture it describes must be the checkpoint's (``SourceMismatch`` otherwise)."""
+    """With ``--config``: the architecture it describes must be the checkpoint's (``SourceMismatch`` otherwise);
+    a diffusers UNet's config.json also fixes the head layout."""
+    heads: list[str] = []
     if source.format == "diffusers":
         unet = infer.unet_fields_from_diffusers(source.unet_config)
+        heads = _head_differences(unet, config.diffusion.model)
         unet = {k: v for k, v in unet.items() if k not in ("num_heads", "num_head_channels", "legacy")}
     else:
         unet = infer.infer_unet(infer.shapes_of(source.unet))
     ae = infer.infer_autoencoder(infer.shapes_of(source.first_stage), config.autoencoder.model.resolution)
-    diffs = (_compare(_unet_config_fields(unet), config.diffusion.model, "diffusion.model")
+    diffs = (_compare(_unet_config_fields(unet), config.diffusion.model, "diffusion.model") + heads
              + _compare({k: v for k, v in ae.items() if k != "resolution"}, config.autoencoder.model,
                         "autoencoder.model"))
     if diffs:
@@ -445,14 +292,19 @@ def build_config(source: Source, config_file: str | None, overrides: Mapping[str
         config, lines = inferred_config(source, resolution)
         apply_overrides(config, overrides)
     _check_required(config, source)
+    clip_lines = import_clip.finish_config(config, source, overrides, bool(config_file)) if source.has_clip else []
     config.stages = ("diffusion",)
     config.diffusion.first_stage.workdir = ""
     lines += ["  UNet heads: " + (f"num_head_channels {config.diffusion.model.num_head_channels}"
                                   if config.diffusion.model.num_head_channels != -1
                                   else f"num_heads {config.diffusion.model.num_heads}")]
     if not config_file:
+        dropping = (f" conditioning.p_uncond {config.diffusion.conditioning.p_uncond:g} (Stable Diffusion's caption "
+                    "dropping, for classifier-free guidance);" if source.has_clip else "")
         lines.append("  fine-tuning: diffusion.train.ema_warmup=False (the imported EMA continues at the full decay);"
-                     f" batch size {FINETUNE_BATCH_SIZE} and learning rate {FINETUNE_LEARNING_RATE:g} are placeholders")
+                     f"{dropping} batch size {FINETUNE_BATCH_SIZE} and learning rate {FINETUNE_LEARNING_RATE:g} are "
+                     "placeholders")
+    lines += clip_lines
     lines += _stored_numbers(config, source, f"--config={config_file}" if config_file else
                              "the config: configs/base.py defaults and --config.* overrides")
     return config, lines
@@ -463,18 +315,27 @@ def _stored_numbers(config: ConfigDict, source: Source, where: str) -> list[str]
     (``where`` names it). Sets them on ``config``; returns report lines saying where each came from."""
     process, fs = config.diffusion.process, config.diffusion.first_stage
     stored: dict[str, Any] = {}
-    origin = where
+    origin, sampling = where, None
     if "betas" in source.buffers:
         stored = infer.infer_schedule(source.buffers["betas"], source.buffers.get("alphas_cumprod"))
         origin = "the checkpoint's betas buffer"
     elif source.scheduler_config:
         stored = infer.process_from_diffusers_scheduler(source.scheduler_config)
         origin = "scheduler/scheduler_config.json"
+        differences = infer.sampling_differences(source.scheduler_config)
+        name = source.scheduler_config.get("_class_name", "the scheduler")
+        sampling = (f"sampling: lidiff's DDIM / PLMS steps (arange(0, T, T // S) + 1, the last to alphas_cumprod[0], "
+                    f"x0 not clipped) differ from {name}'s settings: " + ", ".join(differences)
+                    + "; samples will not equal diffusers' exactly") if differences else (
+                    f"sampling: lidiff's DDIM / PLMS steps are {name}'s (timestep_spacing 'leading', steps_offset 1, "
+                    "set_alpha_to_one False)")
     replaced = [f"{k} {process[k]!r}" for k, v in stored.items() if process[k] != v]
     process.update(stored)
     note = f"; replaces the config's {', '.join(replaced)}" if replaced and where.startswith("--config") else ""
     lines = [f"schedule: {process.schedule}, T={process.num_timesteps}, linear_start {process.linear_start:g}, "
              f"linear_end {process.linear_end:g} (from {origin}{note})"]
+    if sampling:
+        lines.append(sampling)
     if "parameterization" in stored:
         lines.append(f"parameterization: {process.parameterization} (from {origin})")
     else:
@@ -509,17 +370,20 @@ def _collect(errors: list[str], what: str, fn, *args, **kwargs):
         return None
 
 
-def convert_params(source: Source, config: ConfigDict, trainer, use_ema: bool) -> tuple[Any, Any, Any, list[str]]:
+def convert_params(source: Source, config: ConfigDict, trainer, use_ema: bool,
+                   errors: list[str] | None = None) -> tuple[Any, Any, Any, list[str]]:
     """All tensors -> ``(autoencoder params, params, ema_params, report lines)`` (nested float32 numpy).
 
-    params / ema_params: ``{"unet": ..., "cond": ...}`` shaped like ``trainer.ldm.init_params``. Raises one
-    ``SourceMismatch`` listing every component's missing, unexpected and mis-shaped tensors.
+    params / ema_params: ``{"unet": ..., "cond": ...}`` shaped like ``trainer.ldm.init_params`` (``"cond"`` is {}
+    for a frozen CLIP text encoder, converted by ``convert_text_encoder``). errors: failures of conversions done
+    before (the text encoder's), reported with these. Raises one ``SourceMismatch`` listing every component's
+    missing, unexpected and mis-shaped tensors.
     """
     from lidiff.convert.compvis_cond import class_embedder_params_from_compvis, text_transformer_params_from_compvis
     from lidiff.convert.diffusers_unet import unet_params_from_compvis, unet_params_from_diffusers
     from lidiff.convert.diffusers_vae import autoencoder_params_from_compvis
 
-    errors: list[str] = []
+    errors = list(errors or [])
     lines: list[str] = []
     unet_model = trainer.ldm.unet
     if source.format == "diffusers":
@@ -574,6 +438,19 @@ def convert_params(source: Source, config: ConfigDict, trainer, use_ema: bool) -
     return ae, params, ema, lines
 
 
+def convert_text_encoder(source: Source, config: ConfigDict, errors: list[str]) -> tuple[Any, Any]:
+    """A frozen CLIP text encoder -> ``(CLIPTextTransformer, params)``, or ``(None, None)`` when the source has
+    none; on a mismatch the params are None and the failure is appended to ``errors`` (for ``convert_params``)."""
+    if not source.has_clip:
+        return None, None
+    from lidiff.models.clip import CLIPTextTransformer
+
+    kwargs = import_clip.architecture(source, config.diffusion.conditioning.heads)
+    converted = _collect(errors, f"text encoder ({import_clip.component(source)})", import_clip.convert, source,
+                         kwargs)
+    return CLIPTextTransformer(**kwargs), None if converted is None else converted[1]
+
+
 # ------------------------------------------------------------------------------------------------------ write
 
 
@@ -582,6 +459,28 @@ def _check_out(out: str) -> None:
         if os.path.exists(runs.checkpoint_dir(out, stage)):
             raise ConfigError(f"--out={out} already holds {stage} checkpoints ({runs.checkpoint_dir(out, stage)}); "
                               "choose a new directory (an import never overwrites a run)")
+    for part in (runs.tokenizer_dir(out), runs.text_encoder_dir(out)):
+        if os.path.exists(part):
+            raise ConfigError(f"--out={out} already holds {part}, which the import would write; choose a new "
+                              "directory (an import never overwrites a run)")
+
+
+def write_text_parts(out: str, config: ConfigDict, source: Source, text_encoder: Any) -> list[str]:
+    """A text model's tokenizer (copied) and frozen CLIP text encoder (copied or written) into the run directory
+    (``runs.tokenizer_dir`` / ``runs.text_encoder_dir``); returns report lines."""
+    from lidiff.train import conditioning as conditioning_setup
+
+    if config.diffusion.conditioning.kind != "text":
+        return []
+    tokenizer = conditioning_setup.prepare_tokenizer(config, out)
+    lines = [f"wrote {runs.tokenizer_dir(out)}: a copy of the tokenizer folder"]
+    if source.has_clip:
+        kwargs = import_clip.architecture(source, text_encoder[0].num_heads)
+        import_clip.write_text_encoder(source, kwargs, tokenizer, runs.text_encoder_dir(out))
+        how = f"a copy of {source.text_encoder_dir}" if source.text_encoder_dir else \
+            "a transformers CLIPTextModel folder (config.json, model.safetensors) from the file's tensors"
+        lines.append(f"wrote {runs.text_encoder_dir(out)}: {how}")
+    return lines
 
 
 def write_run(out: str, config: ConfigDict, trainer, ae_params: Any, params: Any, ema_params: Any) -> None:
@@ -634,18 +533,23 @@ def write_config_file(out: str, src: str) -> str:
     return path
 
 
-def build_trainer(config: ConfigDict, out: str):
-    """The stage-2 model (``DiffusionTrainer``) the config builds, with the text model's tokenizer copied into
-    ``out`` (``runs.tokenizer_dir``)."""
+def build_trainer(config: ConfigDict, out: str, text_encoder: tuple[Any, Any] | None = None):
+    """The stage-2 model (``DiffusionTrainer``) the config builds. A text model's tokenizer is read from ``out``
+    (``runs.tokenizer_dir``) or ``conditioning.tokenizer``, nothing is copied; text_encoder: a frozen CLIP text
+    encoder ``(module, params or None)``."""
     from lidiff.ldm import FirstStage
     from lidiff.train import builders
-    from lidiff.train import conditioning as conditioning_setup
     from lidiff.train.diffusion import DiffusionTrainer
 
     model_cfg = config.autoencoder.model
     first_stage = FirstStage(model=builders.build_autoencoder(model_cfg, jnp.float32), kind=model_cfg.kind)
-    tokenizer = conditioning_setup.prepare_tokenizer(config, out)
-    return DiffusionTrainer(config.diffusion, first_stage, config.seed, tokenizer)
+    try:
+        tokenizer = runs.load_tokenizer(out, config)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config.diffusion.conditioning.tokenizer={config.diffusion.conditioning.tokenizer}: "
+                          f"{e}") from None
+    return DiffusionTrainer(config.diffusion, first_stage, config.seed, tokenizer,
+                            text_encoder if text_encoder is not None and text_encoder[0] is not None else None)
 
 
 def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file: str | None = None,
@@ -665,9 +569,14 @@ def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file
         raise
     except ConversionError as e:  # inference could not read the shapes
         raise SourceMismatch(f"{src}: {e}") from None
-    trainer = build_trainer(config, out)
-    ae, params, ema, ema_lines = convert_params(source, config, trainer, use_ema)
+    if source.text_encoder:  # a CompVis file's CLIP weights become a transformers folder in the run
+        config.diffusion.conditioning.text_encoder = os.path.abspath(runs.text_encoder_dir(out))
+    errors: list[str] = []
+    text_encoder = convert_text_encoder(source, config, errors)
+    trainer = build_trainer(config, out, text_encoder)
+    ae, params, ema, ema_lines = convert_params(source, config, trainer, use_ema, errors)
     lines += ema_lines + [f"ignored: {key} ({reason})" for key, reason in source.ignored]
+    lines += write_text_parts(out, config, source, text_encoder)
     write_run(out, config, trainer, ae, params, ema)
     config_path = write_config_file(out, src)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
