@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lidiff.errors import ConfigError, MissingInputError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] gets id 0, as in BERT
 
 
@@ -22,8 +24,9 @@ def load_tokenizer(path: str):
     """A ``transformers.BertTokenizerFast`` from the local directory ``path`` (never the network).
 
     Raises:
-      FileNotFoundError: ``path`` is not a directory or holds neither ``vocab.txt`` nor ``tokenizer.json``.
-      ValueError: transformers cannot load the directory as a BERT tokenizer.
+      MissingInputError (a FileNotFoundError): ``path`` is not a directory or holds neither ``vocab.txt`` nor
+        ``tokenizer.json``.
+      ConfigError (a ValueError): transformers cannot load the directory as a BERT tokenizer.
     """
     from transformers import BertTokenizerFast
 
@@ -35,16 +38,16 @@ def load_tokenizer(path: str):
         "network access, or by lidiff.data.text.build_wordpiece_tokenizer"
     )
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"Tokenizer directory {path!r} does not exist. Expected {expected}.")
+        raise MissingInputError(f"Tokenizer directory {path!r} does not exist. Expected {expected}.")
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.txt", "tokenizer.json")):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Tokenizer directory {path!r} has no vocab.txt nor tokenizer.json (it holds "
             f"{sorted(os.listdir(path))}). Expected {expected}."
         )
     try:
         return BertTokenizerFast.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"Could not load a BERT tokenizer from {path!r}: {type(e).__name__}: {e}. Expected {expected}."
         ) from e
 
@@ -54,8 +57,8 @@ def load_clip_tokenizer(path: str):
     a Stable Diffusion repository's ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``).
 
     Raises:
-      FileNotFoundError: ``path`` is not a directory or holds none of those files.
-      ValueError: transformers cannot load the directory as a CLIP tokenizer.
+      MissingInputError (a FileNotFoundError): ``path`` is not a directory or holds none of those files.
+      ConfigError (a ValueError): transformers cannot load the directory as a CLIP tokenizer.
     """
     from transformers import CLIPTokenizer
 
@@ -63,14 +66,14 @@ def load_clip_tokenizer(path: str):
     expected = ("a CLIP tokenizer directory holding vocab.json and merges.txt, or tokenizer.json (a Stable "
                 "Diffusion repository's tokenizer/ folder)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"Tokenizer directory {path!r} does not exist. Expected {expected}.")
+        raise MissingInputError(f"Tokenizer directory {path!r} does not exist. Expected {expected}.")
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "tokenizer.json")):
-        raise FileNotFoundError(f"Tokenizer directory {path!r} has no vocab.json nor tokenizer.json (it holds "
+        raise MissingInputError(f"Tokenizer directory {path!r} has no vocab.json nor tokenizer.json (it holds "
                                 f"{sorted(os.listdir(path))}). Expected {expected}.")
     try:
         return CLIPTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"Could not load a CLIP tokenizer from {path!r}: {type(e).__name__}: {e}. "
+        raise ConfigError(f"Could not load a CLIP tokenizer from {path!r}: {type(e).__name__}: {e}. "
                          f"Expected {expected}.") from e
 
 
