@@ -356,3 +356,19 @@ def test_config_file_with_another_head_layout_is_refused(pipe_dir, tmp_path, cap
     assert_refused(["--src", pipe_dir, "--out", str(tmp_path / "run"), "--config", str(config_file)], capsys,
                    "attention heads at width 32: checkpoint 2 x 16, config 1 x 32")
     assert not (tmp_path / "run").exists()
+
+
+def test_exported_run_is_the_pipeline_again(imported, reference, x_T, tmp_path):
+    """``python -m lidiff.export`` of the imported run loads back as a StableDiffusionPipeline that draws the
+    reference images from the same latents (and holds the same tokenizer)."""
+    from lidiff.export import __main__ as export_command
+
+    out = str(tmp_path / "exported")
+    report = export_command.run(["--workdir", imported[0], "--out", out])
+    assert report.pipeline == "StableDiffusionPipeline"
+    again = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert again.tokenizer(PROMPTS).input_ids == tiny_clip_tokenizer()(PROMPTS).input_ids
+    with torch.no_grad():
+        images = again(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+                       latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images
+    assert np.abs(np.asarray(images, np.float32) - reference).max() < 1e-5
