@@ -584,7 +584,10 @@ def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file
               f"AdamW state for fine-tuning) and {config_path}",
               f"  sample:    python sample.py --workdir={out}",
               f"  fine-tune: python train.py --config={config_path} --workdir={out} --config.data.path=<images> "
-              "(set data, diffusion.train.batch_size / num_steps and diffusion.optim.learning_rate)"]
+              "(set data, diffusion.train.batch_size / num_steps and diffusion.optim.learning_rate)" + {
+                  "class": "; class labels from the data, e.g. --config.data.class_from_subdir=True",
+                  "text": "; captions from the data, e.g. --config.data.source=captioned_folder",
+              }.get(config.diffusion.conditioning.kind, "")]
     return ImportReport(config=config, lines=[f"{source.format} checkpoint {src}"] + lines,
                         used_ema=bool(source.ema) and use_ema)
 
