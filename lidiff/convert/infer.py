@@ -1,10 +1,10 @@
 """Architecture of a released checkpoint, read from its tensor shapes (no weights are used, only names and shapes).
 
 Every function takes ``shapes``: ``{CompVis key without the component prefix: shape tuple}`` and returns the
-lidiff config fields it can determine (``configs/base.py`` names). What the shapes cannot tell is left out and
-listed by ``UNDETERMINED``: the attention head layout (a packed ``qkv`` [3C, C, 1] or a ``to_q`` [C, C] is the
-same tensor for any number of heads), the parameterization (eps / x0 / v) and the conditioning of a UNet whose
-extra input channels are a concatenated map.
+lidiff config fields it can determine (``configs/base.py`` names). What the shapes cannot tell is left out: the
+attention head layout (a packed ``qkv`` [3C, C, 1] or a ``to_q`` [C, C] is the same tensor for any number of heads)
+and the parameterization (eps / x0 / v). What a UNet's extra input channels are when the file holds no cond-stage
+tensors (super-resolution, inpainting) is read from the channel counts by ``lidiff.convert.import_spatial``.
 
 UNet (``openaimodel.UNetModel``), N = num_res_blocks, L = len(channel_mult)::
 
@@ -185,6 +185,16 @@ def infer_class_embedder(shapes: Shapes) -> dict[str, Any]:
     """``embedding.weight`` [n_classes + 1 (null), D] -> ``conditioning`` fields of a crossattn class model."""
     rows, dim = _need(shapes, "embedding.weight", "class embedder")
     return dict(kind="class", mode="crossattn", num_classes=rows - 1, embed_dim=dim)
+
+
+def infer_spatial_rescaler(shapes: Shapes) -> dict[str, Any]:
+    """``channel_mapper.weight`` [map_channels, num_classes, 1, 1] (the bias-free 1x1 map of a ``SpatialRescaler``,
+    CompVis semantic synthesis: [3, 182, 1, 1]) -> ``conditioning`` fields of a semantic (concat) model."""
+    shape = _need(shapes, "channel_mapper.weight", "spatial rescaler's channel map")
+    if len(shape) != 4 or tuple(shape[2:]) != (1, 1):
+        raise ConversionError(f"cond_stage_model.channel_mapper.weight is {list(shape)}; a SpatialRescaler's 1x1 "
+                              "map is [out, in, 1, 1]")
+    return dict(kind="semantic", mode="concat", num_classes=shape[1], map_channels=shape[0])
 
 
 def infer_text_transformer(shapes: Shapes) -> dict[str, Any]:

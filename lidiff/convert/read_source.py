@@ -11,7 +11,8 @@ Two layouts:
       model_ema.decay / num_updates  EMA bookkeeping                           ignored
       first_stage_model.*            the autoencoder (``loss.*`` ignored)      -> Source.first_stage
       cond_stage_model.transformer.text_model.*   SD v1's CLIP text encoder    -> Source.text_encoder
-      cond_stage_model.*             class embedder / BERT-style transformer   -> Source.cond
+      cond_stage_model.*             class embedder / BERT-style transformer / -> Source.cond
+                                     semantic SpatialRescaler channel_mapper
       betas, alphas_cumprod, ...     schedule buffers                          -> Source.buffers
       scale_factor                   latent scale                              -> Source.buffers
 

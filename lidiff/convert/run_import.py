@@ -3,8 +3,10 @@
 Sources (read by ``lidiff.convert.read_source``, whose docstring lists the key prefixes):
 
 - a CompVis / Stable Diffusion single file (``.safetensors``, or a ``.ckpt`` that ``torch.load(weights_only=True)``
-  reads): UNet, its EMA, first stage, cond stage (class embedder, BERT-style transformer, or SD v1's CLIP text
-  encoder), schedule buffers and ``scale_factor``;
+  reads): UNet, its EMA, first stage, cond stage (class embedder, BERT-style transformer, SD v1's CLIP text
+  encoder, or semantic synthesis's ``SpatialRescaler``; super-resolution and inpainting models, which have none,
+  are told apart by the UNet's input channels: ``lidiff.convert.import_spatial``), schedule buffers and
+  ``scale_factor``;
 - a diffusers folder: ``model_index.json``, ``unet/``, ``vae/`` or ``vqvae/``, ``scheduler/scheduler_config.json``,
   and for a ``StableDiffusionPipeline`` its CLIP ``text_encoder/`` and ``tokenizer/``
   (``lidiff.convert.import_clip``).
@@ -46,7 +48,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from lidiff import runs
-from lidiff.convert import import_clip, infer
+from lidiff.convert import import_clip, import_spatial, infer
 from lidiff.convert.common import ConversionError, convert_state_dict
 from lidiff.convert.read_source import (COND_PREFIX, EMA_UNET_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, Source,
                                        SourceMismatch, read_source)
@@ -125,9 +127,14 @@ def _unet_config_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k != "label_classes"}
 
 
-def _conditioning_fields(source: Source, unet: Mapping[str, Any]) -> dict[str, Any]:
-    """``diffusion.conditioning`` fields the source implies (BERT-style text: heads are left unset, -1)."""
-    cond = source.cond
+def _conditioning_fields(source: Source, unet: Mapping[str, Any], ae: Mapping[str, Any],
+                         user_kind: Any = None) -> tuple[dict[str, Any], list[str]]:
+    """``diffusion.conditioning`` fields the source implies (BERT-style text: heads are left unset, -1) and report
+    lines for the spatial kinds (``lidiff.convert.import_spatial``; user_kind: ``--config.diffusion.conditioning.
+    kind`` when given). A concat model whose kind the channel counts do not decide gets kind none, which
+    ``_check_required`` refuses naming the flag."""
+    cond, notes = source.cond, []
+    factor = 2 ** (len(ae["ch_mult"]) - 1)
     if source.has_clip:
         fields = import_clip.conditioning_fields(source)
     elif "embedding.weight" in cond:
@@ -135,6 +142,9 @@ def _conditioning_fields(source: Source, unet: Mapping[str, Any]) -> dict[str, A
     elif "transformer.token_emb.weight" in cond:
         fields = infer.infer_text_transformer(infer.shapes_of(cond))
         fields.update(heads=-1, dim_head=-1)
+    elif "channel_mapper.weight" in cond:
+        fields = infer.infer_spatial_rescaler(infer.shapes_of(cond))
+        notes = import_spatial.semantic_lines(fields, unet["in_channels"], ae["embed_dim"], factor)
     elif cond:
         raise ConfigError(f"{source.path}: unknown cond stage (keys {', '.join(sorted(cond)[:5])}); give --config "
                           "with the matching diffusion.conditioning")
@@ -144,13 +154,16 @@ def _conditioning_fields(source: Source, unet: Mapping[str, Any]) -> dict[str, A
         raise ConfigError(f"{source.path}: the UNet has cross-attention (context_dim {unet['context_dim']}) but the "
                           "source holds no conditioning encoder lidiff can import; give --config with one")
     else:
-        fields = dict(kind="none")
-    return fields
+        fields, notes = import_spatial.concat_fields(unet["in_channels"], ae["embed_dim"], factor, user_kind)
+        fields = fields or dict(kind="none")
+    return fields, notes
 
 
-def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[str]]:
+def inferred_config(source: Source, resolution: int,
+                    overrides: Mapping[str, str] | None = None) -> tuple[ConfigDict, list[str]]:
     """The experiment config the source's shapes imply -> ``(config, report lines)``; what the shapes do not
-    determine is left unset (heads -1) for ``_check_required``."""
+    determine is left unset (heads -1) for ``_check_required``. overrides: the ``--config.*`` flags (applied by the
+    caller; a conditioning kind given there decides what a concat model's extra channels are)."""
     base = _base_module()
     if source.format == "diffusers":
         unet = infer.unet_fields_from_diffusers(source.unet_config)
@@ -158,7 +171,8 @@ def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[s
         unet = infer.infer_unet(infer.shapes_of(source.unet))
         unet.update(legacy=True, num_heads=-1, num_head_channels=-1)
     ae = infer.infer_autoencoder(infer.shapes_of(source.first_stage), resolution)
-    cond = _conditioning_fields(source, unet)
+    user_kind = (overrides or {}).get("diffusion.conditioning.kind")
+    cond, cond_notes = _conditioning_fields(source, unet, ae, None if user_kind is None else parse_value(user_kind))
     model = base.autoencoder_model(ae["kind"], ae["ch_mult"], ae["z_channels"], ae["embed_dim"],
                                    attn_resolutions=ae["attn_resolutions"], n_embed=ae["n_embed"], ch=ae["ch"],
                                    num_res_blocks=ae["num_res_blocks"], resolution=resolution,
@@ -172,7 +186,8 @@ def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[s
     # The imported EMA is a long-run average: a fine-tune continues it at the full decay instead of restarting
     # CompVis's warm-up (which would overwrite it within a few steps, since the step restarts at 0).
     stage2.train.ema_warmup = False
-    config = base.experiment(("diffusion",), base.data_config("folder", resolution=resolution), stage1, stage2)
+    data = "segmentation_folder" if cond["kind"] == "semantic" else "folder"
+    config = base.experiment(("diffusion",), base.data_config(data, resolution=resolution), stage1, stage2)
     what = "unet/config.json and the vae tensor shapes" if source.format == "diffusers" else "the tensor shapes"
     shown = ("embed_dim",) if source.has_clip else tuple(k for k in cond if k not in ("kind", "mode", "heads",
                                                                                        "dim_head"))
@@ -180,7 +195,7 @@ def inferred_config(source: Source, resolution: int) -> tuple[ConfigDict, list[s
              "  " + infer.describe_autoencoder(ae),
              f"  conditioning: {cond['kind']}" + (f" ({cond['mode']})" if cond["kind"] != "none" else "")
              + (", frozen CLIP text encoder" if source.has_clip else "")
-             + "".join(f", {k} {cond[k]}" for k in shown)]
+             + "".join(f", {k} {cond[k]}" for k in shown)] + cond_notes
     if source.text_encoder and "scale_factor" not in source.buffers:
         lines.append(f"  scale_factor default {SD_SCALE_FACTOR}: Stable Diffusion v1's (its files do not store it)")
     if source.format == "diffusers" and source.unet_config.get("sample_size"):
@@ -207,9 +222,7 @@ def _check_required(config: ConfigDict, source: Source) -> None:
             missing.append("the text model's tokenizer: --config.diffusion.conditioning.tokenizer=<BERT tokenizer "
                            "folder> (bert-base-uncased for CompVis txt2img)")
     if c.kind == "none" and m.in_channels != config.autoencoder.model.embed_dim:
-        missing.append(f"the conditioning concatenated to the latents ({m.in_channels} UNet input channels, "
-                       f"{config.autoencoder.model.embed_dim} latent channels): --config.diffusion.conditioning."
-                       "kind=superres|inpainting|semantic --config.diffusion.conditioning.mode=concat")
+        missing.append(import_spatial.undetermined(m.in_channels, config.autoencoder.model.embed_dim))
     if missing:
         raise ConfigError(f"{source.path}: set what the checkpoint does not say, then run the command again:\n  "
                           + "\n  ".join(missing))
@@ -289,7 +302,7 @@ def build_config(source: Source, config_file: str | None, overrides: Mapping[str
         check_config_against_source(config, source)
         lines = [f"architecture from --config={config_file} (checked against the tensor shapes)"]
     else:
-        config, lines = inferred_config(source, resolution)
+        config, lines = inferred_config(source, resolution, overrides)
         apply_overrides(config, overrides)
     _check_required(config, source)
     clip_lines = import_clip.finish_config(config, source, overrides, bool(config_file)) if source.has_clip else []
@@ -422,7 +435,10 @@ def convert_params(source: Source, config: ConfigDict, trainer, use_ema: bool,
             errors.append(f"text encoder ({COND_PREFIX}*): unexpected {', '.join(outside[:50])}")
         if any(k.startswith("transformer.to_logits.") for k in source.cond):
             lines.append(f"ignored: {COND_PREFIX}transformer.to_logits.* (the unused language-model head)")
-    elif source.cond:  # e.g. a semantic model's SpatialRescaler channel_mapper: CompVis names, strictly
+    elif source.cond and kind == "semantic":
+        cond = _collect(errors, f"semantic map encoder ({COND_PREFIX}*)", import_spatial.semantic_params_from_compvis,
+                        source.cond, cond_target)
+    elif source.cond:  # CompVis names, strictly
         cond = _collect(errors, f"cond stage ({COND_PREFIX}*, conditioning.kind={kind!r})", convert_state_dict,
                         source.cond, cond_target)
     elif jax.tree.leaves(cond_target):
@@ -587,6 +603,7 @@ def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file
               "(set data, diffusion.train.batch_size / num_steps and diffusion.optim.learning_rate)" + {
                   "class": "; class labels from the data, e.g. --config.data.class_from_subdir=True",
                   "text": "; captions from the data, e.g. --config.data.source=captioned_folder",
+                  "semantic": "; class-id maps named like the images in --config.data.maps_path",
               }.get(config.diffusion.conditioning.kind, "")]
     return ImportReport(config=config, lines=[f"{source.format} checkpoint {src}"] + lines,
                         used_ema=bool(source.ema) and use_ema)
