@@ -330,6 +330,12 @@ class Checkpointer:
             return target.replace(**items), meta
         return items, meta
 
+    def saved_items(self, step: int | None = None) -> tuple[str, ...]:
+        """Names of the items saved at ``step`` (default: the latest), from its meta: empty items (e.g. an EMA
+        switched off) and items left out on purpose (an imported model's optimizer state) are not among them."""
+        meta = self.restore_meta(step)
+        return tuple(meta.get("items", ())) + tuple(meta.get("scalars", ()))
+
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """Only the JSON ``meta`` of a checkpoint (reads no arrays)."""
         step = self.latest_step() if step is None else step

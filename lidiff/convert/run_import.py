@@ -21,10 +21,11 @@ What is written (the layout is ``lidiff.runs``'s), once every tensor has convert
 - ``<out>/autoencoder/checkpoints/0``: ``params = {"autoencoder": ..., "logvar": 0}`` and ``step``, meta as stage 1
   writes it (``runs.load_first_stage`` reads only these). No discriminator or optimizer state: stage 1 cannot be
   resumed from it, so the written ``config.stages`` is ``("diffusion",)``.
-- ``<out>/diffusion/checkpoints/0``: a whole ``DiffusionState``: ``params`` the raw weights, ``ema_params`` the
-  EMA weights (the raw ones when the source has no EMA or with ``--no_ema``), a freshly initialised AdamW state
-  (``train.py`` restores every item of the state to fine-tune), ``step`` 0 and ``scale_factor``; meta with the
-  whole config. ``sample.py`` and ``runs.load_latent_diffusion`` read ``ema_params``.
+- ``<out>/diffusion/checkpoints/0``: the weights of a ``DiffusionState`` without its optimizer state: ``params``
+  the raw weights, ``ema_params`` the EMA weights (the raw ones when the source has no EMA or with ``--no_ema``),
+  ``step`` 0 and ``scale_factor``; meta with the whole config. ``sample.py`` and ``runs.load_latent_diffusion``
+  read ``ema_params``; ``train.py`` starts a fresh AdamW state for ``params`` (``lidiff.train.diffusion.
+  restore_state``), so no optimizer state of zeros (twice the params) is written.
 - text models: ``<out>/diffusion/tokenizer/``; a frozen CLIP text encoder in ``<out>/diffusion/text_encoder/``
   (a transformers ``CLIPTextModel`` folder; its weights are not in the train state, whose ``params["cond"]`` is {}).
 - ``<out>/config.py``: ``get_config()`` returns the saved config, for ``train.py --config`` (which needs a file).
@@ -503,19 +504,17 @@ def write_run(out: str, config: ConfigDict, trainer, ae_params: Any, params: Any
     """Writes the autoencoder and diffusion checkpoints (step 0) under ``out`` in ``lidiff.runs``'s layout."""
     from lidiff.checkpoint import Checkpointer
     from lidiff.train.autoencoder import checkpoint_meta as autoencoder_meta
-    from lidiff.train.diffusion import DiffusionState
     from lidiff.train.diffusion import checkpoint_meta as diffusion_meta
 
     step = np.zeros((), np.int32)
     stage1 = {"step": step, "params": {"autoencoder": ae_params, "logvar": np.zeros((), np.float32)},
               "ema_params": {}}
     scale = float(config.diffusion.first_stage.scale_factor)
-    as_jax = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
-    params, ema_params = as_jax(params), as_jax(ema_params)
-    state = DiffusionState(step=step, params=params, opt_state=trainer.tx.init(params), ema_params=ema_params,
-                           scale_factor=np.asarray(scale, np.float32))
+    as_host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+    weights = {"step": step, "params": as_host(params), "ema_params": as_host(ema_params),
+               "scale_factor": np.asarray(scale, np.float32)}  # a DiffusionState's items but opt_state
     for stage, tree, meta in ((runs.AUTOENCODER, stage1, autoencoder_meta(config)),
-                              (runs.DIFFUSION, state, diffusion_meta(config, scale))):
+                              (runs.DIFFUSION, weights, diffusion_meta(config, scale))):
         checkpointer = Checkpointer(runs.checkpoint_dir(out, stage), keep=1)
         try:
             checkpointer.save(0, tree, meta)
@@ -596,8 +595,8 @@ def import_checkpoint(src: str, out: str, *, fmt: str | None = None, config_file
     write_run(out, config, trainer, ae, params, ema)
     config_path = write_config_file(out, src)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    lines += [f"wrote {out}: autoencoder/ and diffusion/ checkpoints at step 0 ({n:,} stage-2 parameters, a fresh "
-              f"AdamW state for fine-tuning) and {config_path}",
+    lines += [f"wrote {out}: autoencoder/ and diffusion/ checkpoints at step 0 ({n:,} stage-2 parameters; "
+              f"fine-tuning starts a fresh AdamW state) and {config_path}",
               f"  sample:    python sample.py --workdir={out}",
               f"  fine-tune: python train.py --config={config_path} --workdir={out} --config.data.path=<images> "
               "(set data, diffusion.train.batch_size / num_steps and diffusion.optim.learning_rate)" + {

@@ -417,7 +417,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     if checkpointer.latest_step() is not None:
         target = abstract_sharded(functools.partial(trainer.init_state, latent_shape=latent_shape), mesh,
                                   jax.random.PRNGKey(config.seed), jnp.float32(1.0))
-        state, _ = checkpointer.restore(target)
+        state = restore_state(checkpointer, target, trainer.tx)
         start = int(state.step)
         if start >= stage.train.num_steps:  # done: nothing to compile
             logging.info("diffusion: already trained to step %d of %d", start, stage.train.num_steps)
@@ -472,6 +472,25 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     if s.final_samples_per_class > 0:
         write_final_samples(config, trainer, state, fs_params, latent_shape, workdir, mesh, encoder_params)
     return state
+
+
+def restore_state(checkpointer: Checkpointer, target: DiffusionState, tx: optax.GradientTransformation,
+                  step: int | None = None) -> DiffusionState:
+    """Checkpoint ``step`` (default: the latest that restores) onto ``target`` (``ShapeDtypeStruct`` leaves with
+    shardings). A checkpoint that holds the weights without an optimizer state (an imported model,
+    ``python -m lidiff.convert``) starts a fresh one for its params, with ``target.opt_state``'s shardings."""
+    try:
+        weights_only = "opt_state" not in checkpointer.saved_items(step)
+    except Exception:  # noqa: BLE001 - a damaged newest step: the full restore sets it aside, takes an older one
+        weights_only = False
+    if not weights_only:
+        return checkpointer.restore(target, step)[0]
+    names = ("step", "params", "ema_params", "scale_factor")
+    items, _, step = checkpointer.restore_items({name: getattr(target, name) for name in names}, step)
+    shardings = jax.tree.map(lambda x: x.sharding, target.opt_state)
+    opt_state = jax.jit(tx.init, out_shardings=shardings)(items["params"])
+    logging.info("diffusion: checkpoint step %d holds no optimizer state; fine-tuning starts a fresh one", step)
+    return target.replace(**items, opt_state=opt_state)
 
 
 def _training_captions(config: ConfigDict) -> list[str]:

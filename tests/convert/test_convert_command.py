@@ -198,15 +198,16 @@ def _same(a, b) -> bool:
 
 
 def test_written_run_holds_raw_params_and_ema_separately(refs, compvis_runs):
-    """params = raw weights (what fine-tuning continues), ema_params = EMA (what sampling reads), plus the
-    optimizer state train.py restores."""
-    items, meta = _restore(compvis_runs["ema"][0], ("params", "ema_params", "opt_state"))
+    """params = raw weights (what fine-tuning continues), ema_params = EMA (what sampling reads), and no optimizer
+    state (train.py starts a fresh one)."""
+    items, meta = _restore(compvis_runs["ema"][0], ("params", "ema_params"))
     kernel = lambda p: np.asarray(p["unet"]["out_2"]["kernel"])  # noqa: E731
     unet, ema_unet, _ = refs
     np.testing.assert_allclose(kernel(items["params"]), unet.conv_out.weight.detach().numpy().transpose(2, 3, 1, 0))
     np.testing.assert_allclose(kernel(items["ema_params"]),
                                ema_unet.conv_out.weight.detach().numpy().transpose(2, 3, 1, 0))
-    assert items["opt_state"] and json.loads(meta["config"])["stages"] == ["diffusion"]
+    assert json.loads(meta["config"])["stages"] == ["diffusion"]
+    assert "opt_state" not in meta["items"] and {"params", "ema_params"} <= set(meta["items"])
 
 
 def test_no_ema_takes_the_raw_weights(compvis_runs):

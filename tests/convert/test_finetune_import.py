@@ -32,6 +32,7 @@ from lidiff.convert.diffusers_unet import diffusers_unet_to_compvis, unet_params
 from lidiff.convert.diffusers_vae import diffusers_vae_to_compvis
 from lidiff.models.unet import UNetModel
 from lidiff.train.common import compile_step, init_sharded, make_loader
+from lidiff.train import diffusion
 from lidiff.train.diffusion import DiffusionTrainer, data_fields
 from tests.compilation_cache import compilation_cache
 from tests.convert.test_convert_command import HEADS, LIDIFF_UNET, SCALE, UNET_KW, VAE_KW, compvis_buffers
@@ -109,14 +110,22 @@ def finetuned(tmp_path_factory):
                 ema=unet_params_from_diffusers(ema.state_dict(), unet))
 
 
-def restore_state(workdir, target, step):
-    """The diffusion train state saved at ``step``, onto ``target``'s shapes and shardings."""
+def restore_state(workdir, target, tx, step):
+    """The diffusion train state saved at ``step`` onto ``target``'s shapes and shardings, as ``train.py`` restores
+    it (the import's step 0 holds no optimizer state: a fresh one is made)."""
     checkpointer = Checkpointer(runs.checkpoint_dir(workdir, runs.DIFFUSION), create=False)
     try:
-        state, _ = checkpointer.restore(target, step)
+        return diffusion.restore_state(checkpointer, target, tx, step)
     finally:
         checkpointer.close()
-    return state
+
+
+def saved_items(workdir, step):
+    checkpointer = Checkpointer(runs.checkpoint_dir(workdir, runs.DIFFUSION), create=False)
+    try:
+        return checkpointer.saved_items(step)
+    finally:
+        checkpointer.close()
 
 
 def on_host(tree):
@@ -148,7 +157,8 @@ def test_train_py_fine_tunes_the_imported_weights(finetuned):
             trainer.init_state, latent_shape=trainer.latent_shape(config.data.resolution)), mesh,
             jax.random.PRNGKey(config.seed))
         target = init(jnp.float32(1.0))
-        start = on_host(restore_state(workdir, target, 0))
+        assert "opt_state" not in saved_items(workdir, 0) and "opt_state" in saved_items(workdir, STEPS)
+        start = on_host(restore_state(workdir, target, trainer.tx, 0))
         assert int(start.step) == 0 and float(start.scale_factor) == pytest.approx(SCALE)
         assert leaves_equal(start.params["unet"], finetuned["raw"])  # fine-tuning starts from the raw weights
         assert leaves_equal(start.ema_params["unet"], finetuned["ema"])  # and continues the imported EMA
@@ -162,7 +172,7 @@ def test_train_py_fine_tunes_the_imported_weights(finetuned):
         keys = ("image",) + trainer.batch_inputs
         batches = [parallel.global_batch({k: b[k] for k in keys}, mesh) for b in batches]
         step_fn, _ = compile_step(trainer.train_step, mesh, target, batches[0], fs_params, name="diffusion")
-        state, losses = restore_state(workdir, target, 0), {}  # (the step donates its input state)
+        state, losses = restore_state(workdir, target, trainer.tx, 0), {}  # (the step donates its input state)
         for step, batch in enumerate(batches):
             state, metrics = step_fn(state, batch, fs_params)
             losses[step + 1] = float(metrics["loss"])
@@ -176,7 +186,7 @@ def test_train_py_fine_tunes_the_imported_weights(finetuned):
     np.testing.assert_allclose(logged[2], losses[2], rtol=RTOL)
     assert abs(float(fresh_metrics["loss"]) - logged[1]) > 100 * RTOL * abs(logged[1])
 
-    end = on_host(restore_state(workdir, target, STEPS))
+    end = on_host(restore_state(workdir, target, trainer.tx, STEPS))
     assert int(end.step) == STEPS
     moved = max_abs_diff(end.params, start.params)
     assert moved > 0.5 * config.diffusion.optim.learning_rate  # AdamW moves weights by about lr per step
