@@ -38,11 +38,7 @@ RESOLUTION = 512
 def get_config(arg=None):
     d = txt2img_f8.data(arg or "tfds")  # refuses an unknown variant first
     d.resolution = RESOLUTION
-    unet = base.unet_model(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
-                           num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1,
-                           legacy=False, use_spatial_transformer=True, transformer_depth=1, context_dim=768,
-                           remat=True)
-    diffusion = base.diffusion_stage(unet, batch_size=2048, learning_rate=1e-4, schedule="scaled_linear",
+    diffusion = base.diffusion_stage(txt2img_f8.unet(context_dim=768), batch_size=2048, learning_rate=1e-4, schedule="scaled_linear",
                                      linear_start=0.00085, linear_end=0.012)
     diffusion.optim.warmup_steps = 10_000
     diffusion.conditioning = base.conditioning("text", encoder="clip", clip_output="last", embed_dim=768,

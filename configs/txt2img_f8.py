@@ -55,14 +55,19 @@ def data(variant: str):
     raise ValueError(f"configs/txt2img_f8.py: unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
+def unet(context_dim: int):
+    """The txt2img-1p4B UNet (also Stable Diffusion v1's): 320 ch, mult 1,2,4,4, 2 res blocks, spatial transformers
+    of 8 heads at factors 4, 2, 1, cross-attending to a context of width ``context_dim``."""
+    return base.unet_model(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
+                           num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1,
+                           legacy=False, use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
+                           remat=True)
+
+
 def get_config(arg=None):
     variant = arg or "tfds"
     d = data(variant)  # refuses an unknown variant first
-    unet = base.unet_model(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
-                           num_res_blocks=2, attention_resolutions=(4, 2, 1), num_heads=8, num_head_channels=-1,
-                           legacy=False, use_spatial_transformer=True, transformer_depth=1, context_dim=1280,
-                           remat=True)
-    diffusion = base.diffusion_stage(unet, batch_size=680, learning_rate=1e-4, schedule="scaled_linear",
+    diffusion = base.diffusion_stage(unet(context_dim=1280), batch_size=680, learning_rate=1e-4, schedule="scaled_linear",
                                      linear_start=0.00085, linear_end=0.012)
     diffusion.conditioning = base.conditioning("text", embed_dim=1280, n_layer=32, heads=8, dim_head=64,
                                                vocab_size=30522, max_length=77, tokenizer="", build_vocab=False,

@@ -223,8 +223,8 @@ def frozen_text_conditioner(cond: ConfigDict, tokenizer: Any, text_encoder: Any)
 
 
 def prepare_text_encoder(config: ConfigDict, workdir: str, dtype: Any = jnp.float32):
-    """A frozen CLIP text encoder ``(module, params)``, placed in the run directory if it is not there yet;
-    ``(None, None)`` unless ``conditioning.kind="text"`` with ``encoder="clip"``.
+    """A frozen CLIP text encoder ``(module, params)``, placed in the run directory if it is not there yet; None
+    unless ``conditioning.kind="text"`` with ``encoder="clip"``.
 
     Order: the run directory's copy (``lidiff.runs.text_encoder_dir``: a resumed run, sampling); else
     ``conditioning.text_encoder`` (a ``CLIPTextModel`` folder: config.json + model.safetensors), copied there.
@@ -232,7 +232,7 @@ def prepare_text_encoder(config: ConfigDict, workdir: str, dtype: Any = jnp.floa
     """
     cond = config.diffusion.conditioning
     if cond.kind != "text" or text_encoder_kind(cond) != "clip":
-        return None, None
+        return None
     from lidiff.convert.clip import load_clip_text_encoder
 
     kernel = cond.attention_kernel

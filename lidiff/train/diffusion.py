@@ -399,8 +399,7 @@ def train_diffusion(config: ConfigDict, workdir: str) -> DiffusionState:
     tokenizer = conditioning_setup.prepare_tokenizer(config, workdir, captions=functools.partial(
         _training_captions, config))
     text_encoder = conditioning_setup.prepare_text_encoder(config, workdir, compute_dtype(stage.train.dtype))
-    trainer = DiffusionTrainer(stage, first_stage, config.seed, tokenizer,
-                               text_encoder if text_encoder[0] is not None else None)
+    trainer = DiffusionTrainer(stage, first_stage, config.seed, tokenizer, text_encoder)
     encoder_params = parallel.put_replicated(trainer.encoder_params, mesh) if trainer.ldm.frozen_encoder else None
     extras = trainer.step_extras(fs_params, encoder_params)
     fields = data_fields(config, tokenizer)

@@ -7,8 +7,8 @@ latent cache, which holds the CLIP outputs (``latent_cache.text_embeddings``). C
 - the CLIP weights are never trained: the train state's ``params["cond"]`` is empty and the optimizer state
   covers the UNet alone; the run directory holds a copy of the encoder and tokenizer folders;
 - the cached embeddings equal transformers' PyTorch ``CLIPTextModel`` on the cached tokens;
-- the cached path gives the UNet the context the token path gives (CLIP run in the step): rows are dropped to
-  the empty prompt's embedding exactly where the token path drops the tokens;
+- a train step on the cached outputs gives the loss it gives on the tokens (CLIP run in the step): rows are
+  dropped to the empty prompt's embedding exactly where the token path drops the tokens;
 - sampling loads the frozen encoder from the run directory;
 - the config refusals.
 """
@@ -28,7 +28,7 @@ from lidiff.errors import ConfigError
 from lidiff.runs import latent_cache_path, load_latent_diffusion, text_encoder_dir, tokenizer_dir
 from lidiff.train.conditioning import check_conditioning
 from lidiff.train.diffusion import conditioning_inputs, train_diffusion
-from stage2_support import train_recorded, write_random_first_stage
+from stage2_support import randomized_kernels, train_recorded, write_random_first_stage
 from tests.clip_support import tiny_clip_text_model, write_tiny_clip_text_encoder, write_tiny_clip_tokenizer
 
 RES, BATCH, LATENT_CH, WIDTH, MAX_LEN = 32, 8, 2, 32, 12
@@ -106,24 +106,30 @@ def test_cached_embeddings_equal_pytorch_clip(run):
     assert np.abs(cached - ref).max() / np.abs(ref).max() < 1e-5
 
 
-def test_cached_embeddings_condition_like_the_tokens(run):
-    """The context a train step gives the UNet, rows dropped to the empty prompt with p_uncond 0.5, is the same
-    from the cached embeddings as from the tokens (which the step then encodes with the frozen CLIP)."""
+def test_a_step_on_cached_embeddings_equals_a_step_on_tokens(run):
+    """``train_step`` on the cached CLIP outputs gives the loss it gives on the tokens (which it encodes with the
+    frozen CLIP), rows dropped to the empty prompt with p_uncond 0.5 included; with the UNet's zero-initialised
+    kernels drawn at random the loss depends on the context, so shuffled embeddings give another loss."""
     loaded = load_latent_diffusion(run.workdir)
     ldm, clip_params = loaded.ldm, loaded.params["cond"]
-    cache = np.load(latent_cache_path(run.workdir))
+    cache = dict(np.load(latent_cache_path(run.workdir)))
+    state = run.state.replace(params=randomized_kernels(run.state.params))
+    step = jax.jit(loaded.trainer.train_step)
+    latents = {k: cache[k] for k in ("mean", "logvar")}
 
-    @jax.jit
-    def context(batch, rng):
-        inputs = conditioning_inputs(ldm, batch, 0.5, rng, encoder_params=clip_params)
-        return ldm.encode_condition({"cond": clip_params}, inputs)["context"], inputs
+    def loss(text: dict) -> float:
+        return float(step(state, {**latents, **text}, loaded.first_stage_params, clip_params)[1]["loss"])
 
-    rng = jax.random.PRNGKey(3)
-    from_tokens, token_inputs = context({"tokens": cache["tokens"]}, rng)
-    from_cache, _ = context({"text_embedding": cache["text_embedding"]}, rng)
-    dropped = np.all(np.asarray(token_inputs["tokens"]) == np.asarray(ldm.null_inputs(1)["tokens"]), axis=1)
-    assert 0 < dropped.sum() < len(CAPTIONS)  # both kinds of rows are compared
-    assert np.abs(np.asarray(from_tokens) - np.asarray(from_cache)).max() < 1e-5
+    from_tokens = loss({"tokens": cache["tokens"]})
+    from_cache = loss({"text_embedding": cache["text_embedding"]})
+    shuffled = loss({"text_embedding": cache["text_embedding"][::-1]})
+    assert abs(from_tokens - from_cache) <= 1e-5 * abs(from_tokens), (from_tokens, from_cache)
+    assert abs(shuffled - from_cache) > 1e-4 * abs(from_cache), (from_tokens, from_cache, shuffled)
+    # the step's key drops some rows and keeps others, so both paths of the cached branch are compared
+    rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(run.config.seed), int(state.step)), 4)[3]
+    inputs = conditioning_inputs(ldm, {"tokens": cache["tokens"]}, 0.5, rng, encoder_params=clip_params)
+    dropped = np.all(np.asarray(inputs["tokens"]) == np.asarray(ldm.null_inputs(1)["tokens"]), axis=1)
+    assert 0 < dropped.sum() < len(CAPTIONS)
 
 
 def test_sampling_loads_the_frozen_encoder(run, parts):
