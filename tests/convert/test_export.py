@@ -389,7 +389,8 @@ def test_missing_text_encoder_folder_is_named(clip_run, tmp_path, capsys):
 
 
 def test_clip_run_becomes_a_stable_diffusion_pipeline(clip_run, cross_case, tmp_path):
-    """Into an existing empty --out: the CLIP folders copied, a StableDiffusionPipeline that loads and samples."""
+    """Into an existing empty --out: the CLIP folders copied byte for byte, and a StableDiffusionPipeline that loads
+    with the exported UNet (its images equal the source pipeline's: tests/convert/test_sd_pipeline.py)."""
     out = tmp_path / "sd"
     out.mkdir()
     report = export(clip_run, str(out))
@@ -401,11 +402,7 @@ def test_clip_run_becomes_a_stable_diffusion_pipeline(clip_run, cross_case, tmp_
         for file in os.listdir(source):
             assert (out / name / file).read_bytes() == open(os.path.join(source, file), "rb").read()
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
-    pipe.set_progress_bar_config(disable=True)
     assert same_tensors(pipe.unet, cross_case["ema_unet"]) and pipe.safety_checker is None
-    images = pipe("the red cat", num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
 # -------------------------------------------------------------------------------------------------- refusals
